@@ -1,0 +1,281 @@
+"""The `smpq` command: a thin typer layer over the Python API.
+
+Every user mistake surfaces as an SmpqError, printed as one line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from smpq.errors import SmpqError
+
+app = typer.Typer(
+    help="Mixed-precision quantization: bit-width allocation under a budget.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+log = logging.getLogger("smpq")
+
+DEFAULT_CACHE = Path(".cache/smpq")
+
+DataOpt = typer.Option("digits", help="Dataset: digits, mnist5k, or cifar10 (with --data-dir).")
+DataDirOpt = typer.Option(None, help="Local folder of a standard dataset (cifar10).")
+ModelOpt = typer.Option("small_resnet", help="Model: mlp, small_resnet, resnet20.")
+CkptOpt = typer.Option(None, help="Checkpoint folder from `smpq train` (default: cached model).")
+CacheOpt = typer.Option(DEFAULT_CACHE, help="Cache folder for trained float models.")
+SeedOpt = typer.Option(0, help="Random seed.")
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+@contextmanager
+def progress_bar(description: str, total: int):
+    """A rich progress bar; yields a callback (done, total, metrics) -> None."""
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err_console,
+        transient=False,
+    ) as prog:
+        task = prog.add_task(description, total=total, info="")
+
+        def update(done: int, total_: int, metrics: dict | None = None) -> None:
+            info = " ".join(f"{k}={v:.4g}" for k, v in (metrics or {}).items()
+                            if isinstance(v, float))
+            prog.update(task, completed=done, total=total_, info=info)
+
+        yield update
+
+
+def fp_model(data: str, model: str, checkpoint: Path | None, cache: Path,
+             data_dir: str | None = None, epochs: int | None = None, seed: int = 0):
+    """(float model, splits, meta): from a checkpoint, or trained once and cached."""
+    from smpq.data import get_splits
+    from smpq.train import TrainConfig, fp_checkpoint, load_checkpoint
+
+    if checkpoint is None:
+        cfg = TrainConfig(seed=seed) if epochs is None else TrainConfig(epochs=epochs, seed=seed)
+        with progress_bar(f"train {model} on {data}", cfg.epochs) as bar:
+            checkpoint = fp_checkpoint(data, model, cfg, cache, data_dir=data_dir, progress=bar)
+    net, meta = load_checkpoint(checkpoint)
+    splits = get_splits(meta.get("dataset", data), data_dir)
+    return net, splits, meta
+
+
+def _policy_from_args(names, policy: Path | None, uniform: str | None, pin: bool):
+    from smpq.pipeline import default_pinned
+    from smpq.policy import Policy
+    from smpq.spec import parse_bits_pair
+
+    if (policy is None) == (uniform is None):
+        raise SmpqError("give exactly one of --policy FILE or --uniform W/A")
+    if policy is not None:
+        pol = Policy.load(policy)
+        pol.validate(names)
+        return pol
+    pinned = default_pinned(names) if pin else {}
+    return Policy.uniform(names, *parse_bits_pair(uniform), pinned=pinned)
+
+
+def _table(title: str, rows: list[dict], columns: list[str]) -> Table:
+    t = Table(title=title)
+    for c in columns:
+        left = c in ("layer", "policy", "kind", "constraint", "stage")
+        t.add_column(c, justify="left" if left else "right")
+    for r in rows:
+        t.add_row(*[_fmt(r.get(c)) for c in columns])
+    return t
+
+
+def _fmt(v) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+    return "" if v is None else str(v)
+
+
+# -- commands ------------------------------------------------------------------------------
+
+@app.command()
+def train(
+    data: str = DataOpt, model: str = ModelOpt, epochs: int = typer.Option(30, min=0),
+    out: Path = typer.Option(Path("runs/fp"), help="Checkpoint folder to write."),
+    data_dir: str = DataDirOpt, seed: int = SeedOpt,
+) -> None:
+    """Train a float model and save it (safetensors + meta.json)."""
+    from smpq.data import get_splits
+    from smpq.models import build_model
+    from smpq.train import TrainConfig, evaluate, save_checkpoint
+    from smpq.train import train as train_loop
+
+    splits = get_splits(data, data_dir)
+    cfg = TrainConfig(epochs=epochs, seed=seed)
+    net = build_model(model, splits.input_shape, splits.num_classes, seed=seed)
+    with progress_bar(f"train {model}", cfg.epochs) as bar:
+        train_loop(net, splits.train, cfg, val_set=splits.val, progress=bar)
+    val_acc, _ = evaluate(net, splits.val)
+    save_checkpoint(out, net, {"dataset": data, "train_config": cfg.to_dict(),
+                               "val_acc": val_acc})
+    console.print(f"saved {out}  (validation accuracy {val_acc:.4f})")
+
+
+@app.command()
+def layers(data: str = DataOpt, model: str = ModelOpt, checkpoint: Path = CkptOpt,
+           cache: Path = CacheOpt) -> None:
+    """List the quantizable layers with their parameters and MACs."""
+    from smpq.cost import trace_costs
+
+    net, splits, _ = fp_model(data, model, checkpoint, cache)
+    cost = trace_costs(net, splits.val[0][0][None])
+    rows = [{"layer": n, "kind": lc.kind, "shape": "x".join(map(str, lc.weight_shape)),
+             "params": lc.params, "macs": lc.macs} for n, lc in cost.layers.items()]
+    console.print(_table("quantizable layers", rows, ["layer", "kind", "shape", "params", "macs"]))
+
+
+@app.command()
+def cost(
+    data: str = DataOpt, model: str = ModelOpt, checkpoint: Path = CkptOpt, cache: Path = CacheOpt,
+    policy: Path = typer.Option(None, help="Policy JSON file."),
+    uniform: str = typer.Option(None, help="Uniform W/A bits, e.g. 4/4."),
+    pin: bool = typer.Option(True, help="Keep first and last layer at 8/8 (with --uniform)."),
+    budget: str = typer.Option(None, help="Check a budget, e.g. bitops=uniform:3/3,avg_bits=4."),
+) -> None:
+    """Per-layer cost table (size, BitOps) of a policy, and budget slack."""
+    from smpq.cost import Budget, format_metric, trace_costs
+
+    net, splits, _ = fp_model(data, model, checkpoint, cache)
+    mc = trace_costs(net, splits.val[0][0][None])
+    pol = _policy_from_args(mc.names, policy, uniform, pin)
+    rows = mc.table(pol)
+    cols = ["layer", "kind", "params", "macs", "w_bits", "a_bits", "size_bits", "bitops"]
+    console.print(_table("cost per layer", rows, cols))
+    for m, v in mc.metrics(pol).items():
+        console.print(f"{m:>9}: {format_metric(m, v)}")
+    if budget:
+        from smpq.pipeline import default_pinned
+
+        pinned = default_pinned(mc.names) if pin else None
+        rows = Budget.parse(budget).check(mc, pol, pinned)
+        console.print(_table("budget", rows, ["constraint", "limit", "value", "slack", "ok"]))
+
+
+@app.command()
+def quantize(
+    data: str = DataOpt, model: str = ModelOpt, checkpoint: Path = CkptOpt, cache: Path = CacheOpt,
+    policy: Path = typer.Option(None, help="Policy JSON file."),
+    uniform: str = typer.Option(None, help="Uniform W/A bits, e.g. 4/4."),
+    pin: bool = typer.Option(True, help="Keep first and last layer at 8/8 (with --uniform)."),
+    qat_epochs: int = typer.Option(0, min=0, help="Epochs of LSQ QAT finetune (0 = PTQ only)."),
+    out: Path = typer.Option(None, help="Folder to write policy.json, metrics.json, weights."),
+    seed: int = SeedOpt,
+) -> None:
+    """Apply a policy, optionally finetune with QAT, and report accuracy, size, BitOps."""
+    from smpq.cost import trace_costs
+
+    net, splits, _ = fp_model(data, model, checkpoint, cache)
+    mc = trace_costs(net, splits.val[0][0][None])
+    pol = _policy_from_args(mc.names, policy, uniform, pin)
+    row, qnet = evaluate_policy(net, splits, mc, pol, qat_epochs=qat_epochs, seed=seed)
+    console.print(_table("result", [row], list(row)))
+    if out is not None:
+        from smpq.policy import atomic_write_text
+        from smpq.train import save_checkpoint
+
+        pol.save(out / "policy.json")
+        atomic_write_text(out / "metrics.json", json.dumps(row, indent=2) + "\n")
+        save_checkpoint(out / "model", qnet, {"dataset": splits.name, "policy": pol.to_dict()})
+        console.print(f"wrote {out}")
+
+
+def evaluate_policy(net, splits, mc, pol, *, qat_epochs: int = 0, seed: int = 0, label=None):
+    """PTQ (and optional QAT) of one policy; returns a result row and the quantized model."""
+    from smpq.pipeline import calibration_batches, ptq, qat
+    from smpq.train import TrainConfig, evaluate
+
+    calib = calibration_batches(splits.train, seed=seed)
+    if qat_epochs:
+        cfg = TrainConfig(epochs=qat_epochs, lr=1e-3, seed=seed, kd_weight=0.5)
+        with progress_bar(f"QAT {label or ''}", qat_epochs) as bar:
+            qnet = qat(net, pol, splits.train, cfg, calib, progress=bar)
+    else:
+        qnet = ptq(net, pol, calib)
+    val_acc, _ = evaluate(qnet, splits.val)
+    test_acc, _ = evaluate(qnet, splits.test)
+    m = mc.metrics(pol)
+    row = {"policy": label or pol.meta.get("name", "policy"), "val_acc": val_acc,
+           "test_acc": test_acc, "size_kib": m["size"] / 8 / 1024,
+           "mbitops": m["bitops"] / 1e6, "avg_bits": m["avg_bits"]}
+    return row, qnet
+
+
+@app.command()
+def run(
+    out: Path = typer.Option(Path("runs/default"), help="Output folder."),
+    data: str = DataOpt, model: str = ModelOpt, cache: Path = CacheOpt,
+    qat_epochs: int = typer.Option(3, min=0, help="QAT finetune epochs per policy."),
+    seed: int = SeedOpt,
+) -> None:
+    """The main job: float model (cached), uniform policies post-training and after QAT."""
+    from smpq.cost import trace_costs
+    from smpq.pipeline import default_pinned
+    from smpq.policy import Policy, atomic_write_text
+    from smpq.train import evaluate
+
+    net, splits, meta = fp_model(data, model, None, cache, seed=seed)
+    mc = trace_costs(net, splits.val[0][0][None])
+    fp_val, _ = evaluate(net, splits.val)
+    fp_test, _ = evaluate(net, splits.test)
+    fp_m = mc.metrics(Policy(dict.fromkeys(mc.names)))
+    rows = [{"policy": "float32", "stage": "-", "val_acc": fp_val, "test_acc": fp_test,
+             "size_kib": fp_m["size"] / 8 / 1024, "mbitops": fp_m["bitops"] / 1e6,
+             "avg_bits": fp_m["avg_bits"]}]
+    pinned = default_pinned(mc.names)
+    for w, a in ((8, 8), (4, 4), (3, 3), (2, 2)):
+        pol = Policy.uniform(mc.names, w, a, pinned=pinned)
+        for stage, epochs in (("ptq", 0), ("qat", qat_epochs)):
+            if stage == "qat" and not epochs:
+                continue
+            row, _ = evaluate_policy(net, splits, mc, pol, qat_epochs=epochs, seed=seed,
+                                     label=f"uniform {w}/{a}")
+            rows.append({"stage": stage, **row})
+    cols = ["policy", "stage", "val_acc", "test_acc", "size_kib", "mbitops", "avg_bits"]
+    console.print(_table(f"{model} on {data} (first/last layer pinned at 8/8)", rows, cols))
+    result = {"data": data, "model": model, "fp_checkpoint": meta.get("cache_key"),
+              "qat_epochs": qat_epochs, "seed": seed, "rows": rows}
+    atomic_write_text(out / "results.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out / "results.md", _markdown(rows, cols))
+    console.print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+
+
+def _markdown(rows: list[dict], cols: list[str]) -> str:
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    """Entry point: run the app, turning user mistakes into one line and exit code 2."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except SmpqError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,334 @@
+"""Cost model: per-layer parameters and MACs from a traced forward pass, and budgets.
+
+Metrics of a policy (float layers count as 32/32):
+
+| metric   | definition                                                                   |
+|----------|------------------------------------------------------------------------------|
+| size     | model size in bits: weights x w_bits + scales/zero points per granularity +  |
+|          | biases and all other parameters (BatchNorm, ...) at 32 bits                   |
+| bitops   | sum over layers of MACs x w_bits x a_bits (per sample)                        |
+| avg_bits | parameter-weighted mean weight bits over the quantizable layers              |
+
+Every metric is a sum of per-layer terms, so a budget is a set of linear constraints over
+per-layer choices (what the exact allocator needs).
+
+Budget strings (comma-separated, each `metric=value`):
+    bitops=uniform:3/3        BitOps of uniform W3/A3 (pinned layers keep their choice)
+    bitops=0.5*uniform:4/4    a fraction of a uniform reference
+    size=20KiB  size=0.1MB    absolute size (bytes, with optional KB/MB/KiB/MiB suffix)
+    avg_bits=3.5              average weight bits
+    bitops=1.2e6              absolute BitOps
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from smpq.apply import quantizable_layers
+from smpq.errors import SmpqError
+from smpq.policy import Policy
+from smpq.spec import Granularity, LayerChoice, QuantSpec, parse_bits_pair
+
+__all__ = [
+    "METRICS",
+    "Budget",
+    "Constraint",
+    "LayerCost",
+    "ModelCost",
+    "format_metric",
+    "n_scales",
+    "trace_costs",
+    "weight_bits",
+]
+
+METRICS = ("size", "bitops", "avg_bits")
+FLOAT_BITS = 32
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    name: str
+    kind: str
+    weight_shape: tuple[int, ...]
+    params: int
+    bias: int
+    macs: int
+
+
+def n_scales(weight_shape: Sequence[int], spec: QuantSpec) -> int:
+    """How many scales a weight of this shape stores under the spec's granularity."""
+    out = weight_shape[0]
+    fan_in = math.prod(weight_shape[1:])
+    if spec.granularity is Granularity.TENSOR:
+        return 1
+    if spec.granularity is Granularity.CHANNEL:
+        return out
+    return out * math.ceil(fan_in / spec.group_size)
+
+
+def weight_bits(lc: LayerCost, spec: QuantSpec | None) -> float:
+    """Storage of one layer's weight in bits, with scale and zero-point overhead."""
+    if spec is None:
+        return float(FLOAT_BITS * lc.params)
+    per_scale = spec.scale_bits + (0 if spec.symmetric else spec.bits)
+    return float(lc.params * spec.bits + n_scales(lc.weight_shape, spec) * per_scale)
+
+
+@torch.no_grad()
+def trace_costs(model: nn.Module, sample: Tensor, layers: Iterable[str] | None = None) -> ModelCost:
+    """Run one sample through the model and record each quantizable layer's MACs."""
+    mods = quantizable_layers(model)
+    if layers is not None:
+        mods = {n: mods[n] for n in layers}
+    macs: dict[str, int] = dict.fromkeys(mods, 0)
+
+    def hook(name):
+        def fn(mod, inputs, output):
+            # MACs per output element: (in/groups) * kh * kw for a conv, in_features for linear
+            per_out = mod.weight[0].numel()
+            macs[name] += int(output.numel() // output.shape[0]) * per_out
+
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        model(sample[:1])
+    except Exception as exc:  # a shape mismatch is the user's model/data, say it in one line
+        raise SmpqError(f"forward pass on the sample input failed: {exc}") from None
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    quant_ids = {id(m.weight) for m in mods.values()}
+    quant_ids |= {id(m.bias) for m in mods.values() if m.bias is not None}
+    other = sum(p.numel() for p in model.parameters() if id(p) not in quant_ids)
+    costs = {
+        n: LayerCost(
+            name=n,
+            kind=type(m).__name__,
+            weight_shape=tuple(m.weight.shape),
+            params=m.weight.numel(),
+            bias=m.bias.numel() if m.bias is not None else 0,
+            macs=macs[n],
+        )
+        for n, m in mods.items()
+    }
+    return ModelCost(costs, other_params=other)
+
+
+class ModelCost:
+    """Per-layer costs of one model; evaluates policies and per-choice cost vectors."""
+
+    def __init__(self, layers: Mapping[str, LayerCost], other_params: int = 0):
+        self.layers = dict(layers)
+        self.other_params = other_params
+        self.total_params = sum(lc.params for lc in self.layers.values())
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.layers)
+
+    def choice_cost(self, name: str, choice: LayerChoice | None) -> dict[str, float]:
+        """The layer's contribution to each metric (constants excluded from size)."""
+        lc = self.layers[name]
+        w = choice.weight if choice is not None else None
+        wb = choice.w_bits if choice is not None else FLOAT_BITS
+        ab = choice.a_bits if choice is not None else FLOAT_BITS
+        return {
+            "size": weight_bits(lc, w) + FLOAT_BITS * lc.bias,
+            "bitops": float(lc.macs * wb * ab),
+            "avg_bits": lc.params * wb / self.total_params,
+        }
+
+    def choice_costs(
+        self, name: str, choices: Sequence[LayerChoice | None]
+    ) -> dict[str, np.ndarray]:
+        rows = [self.choice_cost(name, c) for c in choices]
+        return {m: np.array([r[m] for r in rows]) for m in METRICS}
+
+    @property
+    def constant_size(self) -> float:
+        """Bits that no policy changes: parameters outside the quantizable layers."""
+        return float(FLOAT_BITS * self.other_params)
+
+    def metrics(self, policy: Policy) -> dict[str, float]:
+        missing = [n for n in self.layers if n not in policy.layers]
+        if missing:
+            raise SmpqError(f"policy is missing layer(s): {', '.join(missing)}")
+        tot = dict.fromkeys(METRICS, 0.0)
+        for name in self.layers:
+            for m, v in self.choice_cost(name, policy.layers[name]).items():
+                tot[m] += v
+        tot["size"] += self.constant_size
+        return tot
+
+    def table(self, policy: Policy) -> list[dict]:
+        """Per-layer rows for display: name, kind, params, MACs, bits, size, BitOps."""
+        rows = []
+        for name, lc in self.layers.items():
+            choice = policy.layers.get(name)
+            c = self.choice_cost(name, choice)
+            rows.append({
+                "layer": name, "kind": lc.kind, "params": lc.params, "macs": lc.macs,
+                "w_bits": choice.w_bits if choice else FLOAT_BITS,
+                "a_bits": choice.a_bits if choice else FLOAT_BITS,
+                "size_bits": c["size"], "bitops": c["bitops"],
+            })
+        return rows
+
+
+def format_metric(metric: str, value: float) -> str:
+    if metric == "size":
+        return f"{value / 8 / 1024:.2f} KiB"
+    if metric == "bitops":
+        return f"{value / 1e6:.3f} MBitOps"
+    return f"{value:.3f} bits"
+
+
+# -- budgets --------------------------------------------------------------------------------
+
+_SIZE_UNITS = {"": 8, "b": 8, "kb": 8e3, "mb": 8e6, "kib": 8 * 1024, "mib": 8 * 1024**2}
+_REF = re.compile(r"^(?:(?P<ratio>[0-9.eE+-]+)\s*\*\s*)?uniform:(?P<pair>\S+)$")
+_NUM = re.compile(r"^(?P<num>[0-9.eE+-]+)\s*(?P<unit>[a-zA-Z]*)$")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """metric <= value, or metric <= ratio x metric(uniform reference W/A)."""
+
+    metric: str
+    value: float | None = None
+    ratio: float = 1.0
+    reference: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise SmpqError(f"unknown budget metric {self.metric!r}; known: {', '.join(METRICS)}")
+        if (self.value is None) == (self.reference is None):
+            raise SmpqError("a budget constraint needs exactly one of a value or a reference")
+        if self.value is not None and not (math.isfinite(self.value) and self.value > 0):
+            raise SmpqError(f"budget value for {self.metric} must be positive, got {self.value}")
+        if not (math.isfinite(self.ratio) and self.ratio > 0):
+            raise SmpqError(f"budget ratio must be positive, got {self.ratio}")
+
+    @classmethod
+    def parse(cls, text: str) -> Constraint:
+        metric, sep, rhs = text.strip().partition("=")
+        metric, rhs = metric.strip(), rhs.strip()
+        if not sep or not rhs:
+            raise SmpqError(f"budget must look like 'bitops=uniform:3/3', got {text!r}")
+        if metric not in METRICS:
+            raise SmpqError(f"unknown budget metric {metric!r}; known: {', '.join(METRICS)}")
+        ref = _REF.match(rhs)
+        if ref:
+            ratio = _float(ref["ratio"], text) if ref["ratio"] else 1.0
+            return cls(metric, ratio=ratio, reference=parse_bits_pair(ref["pair"]))
+        num = _NUM.match(rhs)
+        if not num:
+            raise SmpqError(f"cannot read budget value {rhs!r} in {text!r}")
+        value, unit = _float(num["num"], text), num["unit"].lower()
+        if metric == "size":
+            if unit not in _SIZE_UNITS:
+                raise SmpqError(f"unknown size unit {num['unit']!r}; use B, KB, MB, KiB or MiB")
+            value *= _SIZE_UNITS[unit]
+        elif unit:
+            raise SmpqError(f"{metric} takes no unit, got {num['unit']!r}")
+        return cls(metric, value=value)
+
+    def limit(self, cost: ModelCost, pinned: Mapping[str, LayerChoice | None] | None) -> float:
+        if self.value is not None:
+            return self.value
+        ref = Policy.uniform(cost.names, *self.reference, pinned=pinned)
+        return self.ratio * cost.metrics(ref)[self.metric]
+
+    def __str__(self) -> str:
+        if self.reference is not None:
+            pre = "" if self.ratio == 1.0 else f"{self.ratio:g}*"
+            return f"{self.metric}={pre}uniform:{self.reference[0]}/{self.reference[1]}"
+        return f"{self.metric}={self.value:g}"
+
+
+def _float(s: str, text: str) -> float:
+    try:
+        return float(s)
+    except ValueError:
+        raise SmpqError(f"cannot read number {s!r} in budget {text!r}") from None
+
+
+@dataclass(frozen=True)
+class Budget:
+    constraints: tuple[Constraint, ...]
+
+    @classmethod
+    def parse(cls, text: str | Sequence[str]) -> Budget:
+        parts = [text] if isinstance(text, str) else list(text)
+        items = [p for t in parts for p in str(t).split(",") if p.strip()]
+        if not items:
+            raise SmpqError("empty budget")
+        cons = tuple(Constraint.parse(p) for p in items)
+        metrics = [c.metric for c in cons]
+        dup = {m for m in metrics if metrics.count(m) > 1}
+        if dup:
+            raise SmpqError(f"budget names {', '.join(sorted(dup))} more than once")
+        return cls(cons)
+
+    def limits(
+        self, cost: ModelCost, pinned: Mapping[str, LayerChoice | None] | None = None
+    ) -> dict[str, float]:
+        return {c.metric: c.limit(cost, pinned) for c in self.constraints}
+
+    def layer_limits(
+        self, cost: ModelCost, pinned: Mapping[str, LayerChoice | None] | None = None
+    ) -> dict[str, float]:
+        """Limits on the sum of per-layer costs (the constant part of size removed)."""
+        lim = self.limits(cost, pinned)
+        if "size" in lim:
+            lim["size"] -= cost.constant_size
+        return lim
+
+    def check(
+        self, cost: ModelCost, policy: Policy, pinned: Mapping | None = None
+    ) -> list[dict]:
+        """Per constraint: limit, value reached, slack (limit - value) and whether it holds."""
+        got = cost.metrics(policy)
+        out = []
+        for c in self.constraints:
+            lim = c.limit(cost, pinned)
+            out.append({"constraint": str(c), "metric": c.metric, "limit": lim,
+                        "value": got[c.metric], "slack": lim - got[c.metric],
+                        "ok": got[c.metric] <= lim * (1 + 1e-9)})
+        return out
+
+    def ensure_feasible(
+        self,
+        cost: ModelCost,
+        candidates: Mapping[str, Sequence[LayerChoice | None]],
+        pinned: Mapping[str, LayerChoice | None] | None = None,
+    ) -> dict[str, float]:
+        """Raise a clear error naming the cheapest reachable value if a limit cannot be met.
+
+        `candidates` gives each layer's allowed choices. Returns the limits.
+        """
+        lim = self.limits(cost, pinned)
+        for metric, limit in lim.items():
+            cheapest = cost.constant_size if metric == "size" else 0.0
+            for name, choices in candidates.items():
+                cheapest += min(cost.choice_cost(name, c)[metric] for c in choices)
+            if cheapest > limit * (1 + 1e-9):
+                raise SmpqError(
+                    f"budget infeasible: {metric} limit {format_metric(metric, limit)} is below "
+                    f"the cheapest reachable {format_metric(metric, cheapest)}"
+                )
+        return lim
+
+    def __str__(self) -> str:
+        return ",".join(str(c) for c in self.constraints)

@@ -1,0 +1,36 @@
+"""Shared fixtures: a tiny reference model that runs on a CPU in milliseconds."""
+
+import pytest
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """Conv (grouped, strided, dilated, padded) -> conv -> linear; 4 quantizable layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.body = nn.Sequential(
+            nn.Conv2d(4, 8, 3, stride=2, padding=2, dilation=2, groups=2), nn.ReLU()
+        )
+        self.proj = nn.Conv2d(8, 8, 1, bias=False)
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = self.body(x)
+        x = torch.relu(self.proj(x))
+        return self.fc(x.flatten(1))
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    return TinyNet().eval()
+
+
+@pytest.fixture
+def images():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(16, 1, 8, 8, generator=g)

@@ -1,0 +1,95 @@
+"""The command line: results on a tiny checkpoint, and one-line errors with exit code 2."""
+
+import json
+import sys
+
+import pytest
+
+from smpq.cli import main
+from smpq.models import build_model
+from smpq.train import save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt")
+    model = build_model("mlp", (1, 8, 8), 10, seed=0)
+    save_checkpoint(d, model, {"dataset": "digits"})
+    return d
+
+
+def run(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["smpq", *map(str, args)])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def test_cost_table(monkeypatch, capsys, ckpt):
+    code, out, _ = run(monkeypatch, capsys, "cost", "--checkpoint", ckpt, "--uniform", "4/4",
+                       "--budget", "bitops=uniform:4/4")
+    assert code == 0
+    assert "net.1" in out or "layers" in out or "bitops" in out
+
+
+def test_quantize_writes_outputs(monkeypatch, capsys, ckpt, tmp_path):
+    code, out, _ = run(monkeypatch, capsys, "quantize", "--checkpoint", ckpt, "--uniform", "8/8",
+                       "--out", tmp_path / "q")
+    assert code == 0
+    metrics = json.loads((tmp_path / "q" / "metrics.json").read_text())
+    assert 0 <= metrics["test_acc"] <= 1 and metrics["avg_bits"] == pytest.approx(8)
+    assert (tmp_path / "q" / "policy.json").is_file()
+
+
+def _write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize(
+    "args, msg",
+    [
+        (["quantize", "--policy", "MISSING"], "not found"),
+        (["quantize", "--policy", "BAD_JSON"], "not valid JSON"),
+        (["quantize", "--policy", "UNKNOWN_LAYER"], "unknown layer"),
+        (["quantize", "--uniform", "9/4"], "bits"),
+        (["quantize", "--uniform", "4/4", "--policy", "BAD_JSON"], "exactly one"),
+        (["cost", "--uniform", "2/2", "--budget", "bitops=0.5*uniform:2/2"], None),
+        (["cost", "--uniform", "4/4", "--budget", "flops=3"], "unknown budget metric"),
+        (["layers", "--checkpoint", "NOWHERE"], "not found"),
+    ],
+)
+def test_user_mistakes_exit_2(monkeypatch, capsys, ckpt, tmp_path, args, msg):
+    files = {
+        "MISSING": tmp_path / "missing.json",
+        "BAD_JSON": _write(tmp_path, "bad.json", "{oops"),
+        "UNKNOWN_LAYER": _write(tmp_path, "u.json", json.dumps({"layers": {"ghost": "4/4"}})),
+        "NOWHERE": tmp_path / "nowhere",
+    }
+    args = [str(files.get(a, a)) for a in args]
+    if "--checkpoint" not in args:
+        args += ["--checkpoint", str(ckpt)]
+    code, out, err = run(monkeypatch, capsys, *args)
+    if msg is None:  # a budget over a policy is reported, not an error: 'NO' marks the violation
+        assert code == 0 and "NO" in out
+        return
+    assert code == 2
+    assert "Traceback" not in err and "error:" in err and msg in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_nan_checkpoint(monkeypatch, capsys, tmp_path):
+    import torch
+
+    model = build_model("mlp", (1, 8, 8), 10, seed=0)
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("nan")
+    from safetensors.torch import save_file
+
+    save_checkpoint(tmp_path, build_model("mlp", (1, 8, 8), 10, seed=0), {"dataset": "digits"})
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(tmp_path / "model.safetensors"))
+    code, _, err = run(monkeypatch, capsys, "cost", "--checkpoint", tmp_path, "--uniform", "4/4")
+    assert code == 2 and "non-finite" in err

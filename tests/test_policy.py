@@ -1,0 +1,80 @@
+import json
+
+import pytest
+
+from smpq.errors import SmpqError
+from smpq.policy import Policy
+from smpq.spec import Granularity, LayerChoice, QuantSpec
+
+NAMES = ["stem", "body.0", "proj", "fc"]
+
+
+def test_json_round_trip(tmp_path):
+    pol = Policy.uniform(NAMES, 4, 3, pinned={"stem": LayerChoice.bits(8, 8), "fc": None})
+    path = tmp_path / "p.json"
+    pol.save(path)
+    back = Policy.load(path)
+    assert back == pol
+    assert back.bits_table() == {"stem": (8, 8), "body.0": (4, 3), "proj": (4, 3), "fc": (32, 32)}
+    assert json.loads(path.read_text())["version"] == 1
+
+
+def test_shorthand_and_full_specs():
+    pol = Policy.from_dict({"layers": {
+        "stem": "8/8",
+        "fc": {"weight": {"bits": 4, "granularity": "group", "group_size": 16},
+               "act": {"bits": 8, "fmt": "int", "symmetric": False}},
+    }})
+    assert pol.layers["stem"] == LayerChoice.bits(8, 8)
+    assert pol.layers["fc"].weight == QuantSpec(4, granularity=Granularity.GROUP, group_size=16)
+
+
+@pytest.mark.parametrize(
+    "payload, msg",
+    [
+        ("[1, 2]", "JSON object"),
+        ('{"layers": {"stem": "9/4"}}', "bits"),
+        ('{"layers": {"stem": "4"}}', "weight/activation"),
+        ('{"layers": {"stem": {"weight": {"bits": 4, "fmt": "fp5"}, "act": null}}}', "format"),
+        ('{"version": 7, "layers": {}}', "version"),
+        ('{"layers": {}, "extra": 1}', "unknown field"),
+        ("{not json", "not valid JSON"),
+        ('{"layers": {"stem": {"weight": {"bits": 4, "colour": 1}, "act": null}}}', "unknown"),
+    ],
+)
+def test_malformed_policy_files(tmp_path, payload, msg):
+    path = tmp_path / "bad.json"
+    path.write_text(payload)
+    with pytest.raises(SmpqError, match=msg):
+        Policy.load(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(SmpqError, match="not found"):
+        Policy.load(tmp_path / "nope.json")
+
+
+def test_validate_against_model():
+    pol = Policy.uniform(NAMES, 4, 4)
+    pol.validate(NAMES, w_bits=[2, 4], a_bits=[4])
+    with pytest.raises(SmpqError, match="unknown layer"):
+        Policy.uniform([*NAMES, "ghost"], 4, 4).validate(NAMES)
+    with pytest.raises(SmpqError, match="missing layer"):
+        Policy.uniform(NAMES[:2], 4, 4).validate(NAMES)
+    with pytest.raises(SmpqError, match="not in candidates"):
+        pol.validate(NAMES, w_bits=[2, 3])
+
+
+def test_spec_validation():
+    with pytest.raises(SmpqError):
+        QuantSpec(0)
+    with pytest.raises(SmpqError):
+        QuantSpec(9)
+    with pytest.raises(SmpqError):
+        QuantSpec(6, fmt="fp8_e4m3")
+    with pytest.raises(SmpqError):
+        QuantSpec(4, granularity="group")
+    with pytest.raises(SmpqError):
+        QuantSpec(1, symmetric=False)
+    spec = QuantSpec(8, fmt="fp8_e5m2", granularity="channel")
+    assert QuantSpec.from_dict(spec.to_dict()) == spec
