@@ -24,7 +24,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+console = Console() if sys.stdout.isatty() else Console(width=160)
 err_console = Console(stderr=True)
 log = logging.getLogger("smpq")
 
@@ -221,43 +221,146 @@ def evaluate_policy(net, splits, mc, pol, *, qat_epochs: int = 0, seed: int = 0,
     return row, qnet
 
 
+SEARCH_HELP = "Search epochs (the first half trains weights only)."
+
+
+def _search_config(method, epochs, permutations, truncation, antithetic, value, derive,
+                   renormalise, w_bits, a_bits, seed, val_samples=None):
+    from smpq.search import SearchConfig
+
+    def bits(text: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(b) for b in text.split(","))
+        except ValueError:
+            raise SmpqError(f"candidate bits must look like 2,3,4,8, got {text!r}") from None
+
+    return SearchConfig(method=method, epochs=epochs, permutations=permutations,
+                        truncation=truncation if truncation > 0 else None,
+                        antithetic=antithetic, value=value, derive=derive,
+                        renormalise=renormalise, w_bits=bits(w_bits), a_bits=bits(a_bits),
+                        seed=seed, val_samples=val_samples)
+
+
+@app.command()
+def search(
+    method: str = typer.Option("smpq", help="smpq (Shapley) or dmpq (EdMIPS)."),
+    budget: str = typer.Option("bitops=uniform:3/3", help="Budget, e.g. bitops=uniform:3/3."),
+    out: Path = typer.Option(Path("runs/search"), help="Output folder."),
+    data: str = DataOpt, model: str = ModelOpt, checkpoint: Path = CkptOpt,
+    cache: Path = CacheOpt, data_dir: str = DataDirOpt,
+    epochs: int = typer.Option(8, min=1, help=SEARCH_HELP),
+    permutations: int = typer.Option(10, min=1, help="Shapley permutations per epoch."),
+    truncation: float = typer.Option(0.5, help="Truncate at tau x v(full); 0 = off."),
+    antithetic: bool = typer.Option(False, help="Antithetic (reversed) permutation pairs."),
+    value: str = typer.Option("acc", help="v(S): acc or neg_loss on the validation split."),
+    derive: str = typer.Option("milp", help="milp (exact under budget) or argmax."),
+    renormalise: bool = typer.Option(False, help="Renormalise active mixing weights (ours)."),
+    w_bits: str = typer.Option("2,3,4,8", help="Weight bit candidates."),
+    a_bits: str = typer.Option("2,3,4,8", help="Activation bit candidates."),
+    pin: bool = typer.Option(True, help="Keep first and last layer at 8/8."),
+    finetune_epochs: int = typer.Option(3, min=0, help="LSQ QAT epochs for the result."),
+    compare: bool = typer.Option(True, help="Also report the best uniform policy."),
+    resume: bool = typer.Option(False, help="Continue a killed run from out/checkpoint."),
+    seed: int = SeedOpt,
+) -> None:
+    """Search a mixed-precision policy under a budget (SMPQ or DMPQ), finetune, report."""
+    from smpq.compare import best_uniform, outcome_result, policy_row
+    from smpq.cost import Budget, trace_costs
+    from smpq.pipeline import default_pinned
+    from smpq.search import search as run_search
+
+    cfg = _search_config(method, epochs, permutations, truncation, antithetic, value, derive,
+                         renormalise, w_bits, a_bits, seed)
+    bud = Budget.parse(budget)
+    net, splits, _ = fp_model(data, model, checkpoint, cache, data_dir=data_dir)
+    mc = trace_costs(net, splits.val[0][0][None])
+    fixed = default_pinned(mc.names) if pin else {}
+    with progress_bar(f"{method} search", cfg.epochs) as bar:
+        outcome = run_search(net, splits.train, splits.val, mc, bud, cfg, fixed=fixed, out=out,
+                             resume=resume, progress=lambda k, d, t: bar(d, t) if k == "epoch"
+                             else None)
+    results = [outcome_result(method, outcome)]
+    if compare:
+        results.append(best_uniform(mc, bud, cfg.w_bits, cfg.a_bits, fixed))
+    rows = [policy_row(net, splits, mc, r, finetune_epochs=finetune_epochs, seed=seed)
+            for r in results]
+    write_search_outputs(out, outcome, rows, bud, mc, fixed)
+    console.print(_table(f"{method} at {bud}", rows, ROW_COLS))
+    console.print(f"wrote {out}/policy.json, contributions.json, report.html")
+
+
+ROW_COLS = ["method", "ptq_val_acc", "val_acc", "test_acc", "bitops", "avg_bits",
+            "search_seconds", "evaluations", "binding"]
+
+
+def write_search_outputs(out: Path, outcome, rows, budget, mc, fixed) -> None:
+    """policy.json, contributions.json, search_log.jsonl, summary.json, report.html + PNGs."""
+    from smpq.policy import atomic_write_text
+    from smpq.report import write_report
+
+    outcome.policy.save(out / "policy.json")
+    atomic_write_text(out / "contributions.json", json.dumps(outcome.contributions, indent=1))
+    atomic_write_text(out / "search_log.jsonl",
+                      "".join(json.dumps(h) + "\n" for h in outcome.history))
+    binding = set(outcome.derivation.summary()["binding"])
+    brows = [{**r, "binding": r["metric"] in binding}
+             for r in budget.check(mc, outcome.policy, fixed)]
+    atomic_write_text(out / "summary.json", json.dumps(
+        {"rows": rows, "budget": brows, "policy_meta": dict(outcome.policy.meta)}, indent=2))
+    comparison = [{"method": r["method"], "val_acc": r["val_acc"], "test_acc": r["test_acc"],
+                   "bitops": r["bitops"], "size_bits": r["size_bits"],
+                   "avg_bits": r["avg_bits"]} for r in rows]
+    write_report(out, title=f"{outcome.policy.meta.get('method', 'search')} at {budget}",
+                 policy=outcome.policy, contributions=outcome.contributions,
+                 comparison=comparison, budget=brows)
+
+
 @app.command()
 def run(
     out: Path = typer.Option(Path("runs/default"), help="Output folder."),
     data: str = DataOpt, model: str = ModelOpt, cache: Path = CacheOpt,
-    qat_epochs: int = typer.Option(3, min=0, help="QAT finetune epochs per policy."),
+    budget: str = typer.Option("bitops=uniform:3/3", help="Budget for the searches."),
+    epochs: int = typer.Option(8, min=1, help=SEARCH_HELP),
+    finetune_epochs: int = typer.Option(3, min=0, help="LSQ QAT epochs per policy."),
     seed: int = SeedOpt,
 ) -> None:
-    """The main job: float model (cached), uniform policies post-training and after QAT."""
-    from smpq.cost import trace_costs
+    """The main job: float model (cached), SMPQ and DMPQ at one budget vs uniform."""
+    from smpq.compare import policy_row, run_method
+    from smpq.cost import Budget, trace_costs
     from smpq.pipeline import default_pinned
     from smpq.policy import Policy, atomic_write_text
     from smpq.train import evaluate
 
+    bud = Budget.parse(budget)
     net, splits, meta = fp_model(data, model, None, cache, seed=seed)
     mc = trace_costs(net, splits.val[0][0][None])
+    fixed = default_pinned(mc.names)
+    cfg = _search_config("smpq", epochs, 10, 0.5, False, "acc", "milp", False,
+                         "2,3,4,8", "2,3,4,8", seed)
     fp_val, _ = evaluate(net, splits.val)
     fp_test, _ = evaluate(net, splits.test)
     fp_m = mc.metrics(Policy(dict.fromkeys(mc.names)))
-    rows = [{"policy": "float32", "stage": "-", "val_acc": fp_val, "test_acc": fp_test,
-             "size_kib": fp_m["size"] / 8 / 1024, "mbitops": fp_m["bitops"] / 1e6,
-             "avg_bits": fp_m["avg_bits"]}]
-    pinned = default_pinned(mc.names)
-    for w, a in ((8, 8), (4, 4), (3, 3), (2, 2)):
-        pol = Policy.uniform(mc.names, w, a, pinned=pinned)
-        for stage, epochs in (("ptq", 0), ("qat", qat_epochs)):
-            if stage == "qat" and not epochs:
-                continue
-            row, _ = evaluate_policy(net, splits, mc, pol, qat_epochs=epochs, seed=seed,
-                                     label=f"uniform {w}/{a}")
-            rows.append({"stage": stage, **row})
-    cols = ["policy", "stage", "val_acc", "test_acc", "size_kib", "mbitops", "avg_bits"]
-    console.print(_table(f"{model} on {data} (first/last layer pinned at 8/8)", rows, cols))
-    result = {"data": data, "model": model, "fp_checkpoint": meta.get("cache_key"),
-              "qat_epochs": qat_epochs, "seed": seed, "rows": rows}
+    rows = [{"method": "float32", "ptq_val_acc": fp_val, "val_acc": fp_val, "test_acc": fp_test,
+             "bitops": fp_m["bitops"], "avg_bits": fp_m["avg_bits"], "size_bits": fp_m["size"]}]
+    outcomes = {}
+    for method in ("smpq", "dmpq", "uniform"):
+        with progress_bar(f"{method}", cfg.epochs) as bar:
+            res, outcome = run_method(
+                method, net, splits, mc, bud, fixed, cfg, out=out / method,
+                progress=lambda k, d, t, bar=bar: bar(d, t) if k == "epoch" else None)
+        outcomes[method] = outcome
+        rows.append(policy_row(net, splits, mc, res, finetune_epochs=finetune_epochs,
+                               seed=seed))
+    for method in ("smpq", "dmpq"):
+        write_search_outputs(out / method, outcomes[method], rows, bud, mc, fixed)
+    title = f"{model} on {data}, budget {bud} (first/last layer pinned at 8/8)"
+    console.print(_table(title, rows, ROW_COLS))
+    result = {"data": data, "model": model, "budget": str(bud),
+              "fp_checkpoint": meta.get("cache_key"), "search": cfg.to_dict(),
+              "finetune_epochs": finetune_epochs, "seed": seed, "rows": rows}
     atomic_write_text(out / "results.json", json.dumps(result, indent=2) + "\n")
-    atomic_write_text(out / "results.md", _markdown(rows, cols))
-    console.print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    atomic_write_text(out / "results.md", _markdown(rows, ROW_COLS))
+    console.print(f"wrote {out}/results.json, results.md and {out}/smpq/report.html")
 
 
 def _markdown(rows: list[dict], cols: list[str]) -> str:

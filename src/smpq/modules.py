@@ -100,6 +100,7 @@ class QuantLayer:
         self.w_specs = list(w_specs)
         self.a_specs = list(a_specs)
         self.empty = empty
+        self.renormalise = False
         self.calibrating = False
         self.w_quant = nn.ModuleList(WeightQuantizer(s, learnable) for s in self.w_specs)
         self.a_quant = nn.ModuleList(
@@ -127,7 +128,7 @@ class QuantLayer:
         )
         new.__dict__["_modules"] = OrderedDict()
         new.__dict__["_buffers"] = OrderedDict()
-        for key in ("w_specs", "a_specs", "empty", "calibrating", "_wcache"):
+        for key in ("w_specs", "a_specs", "empty", "renormalise", "calibrating", "_wcache"):
             new.__dict__.pop(key, None)
         return new
 
@@ -138,9 +139,17 @@ class QuantLayer:
         self.a_active.copy_(torch.as_tensor(a_mask, dtype=torch.bool))
 
     def mixing(self) -> tuple[Tensor, Tensor]:
-        """Mixing coefficients softmax(alpha) * active for weights and activations."""
+        """Mixing coefficients softmax(alpha) * active for weights and activations.
+
+        With `renormalise` (our option, not Shapley-NAS's) the active coefficients are
+        rescaled to sum to one, so switching a branch off changes the mixture's quality but
+        not its scale.
+        """
         cw = torch.softmax(self.alpha_w, 0) * self.w_active
         ca = torch.softmax(self.alpha_a, 0) * self.a_active
+        if self.renormalise:
+            cw = cw / cw.sum().clamp_min(1e-12)
+            ca = ca / ca.sum().clamp_min(1e-12)
         return cw, ca
 
     @property

@@ -49,6 +49,7 @@ class Supernet:
         layers: Sequence[str] | None = None,
         fixed: Policy | None = None,
         empty: str = "zero",
+        renormalise: bool = False,
         learnable: bool = False,
     ):
         if len(set(w_specs)) != len(w_specs) or len(set(a_specs)) != len(a_specs):
@@ -62,6 +63,8 @@ class Supernet:
         self.w_specs, self.a_specs = list(w_specs), list(a_specs)
         all_q = quant_layers(model)
         self.layers: dict[str, QuantLayer] = {n: all_q[n] for n in names}
+        for layer in self.layers.values():
+            layer.renormalise = renormalise
         self.fixed = fixed
         self.players: list[Player] = []
         self._slices: list[tuple[QuantLayer, slice, slice]] = []
