@@ -344,10 +344,13 @@ def run(
              "bitops": fp_m["bitops"], "avg_bits": fp_m["avg_bits"], "size_bits": fp_m["size"]}]
     outcomes = {}
     for method in ("smpq", "dmpq", "uniform"):
-        with progress_bar(f"{method}", cfg.epochs) as bar:
-            res, outcome = run_method(
-                method, net, splits, mc, bud, fixed, cfg, out=out / method,
-                progress=lambda k, d, t, bar=bar: bar(d, t) if k == "epoch" else None)
+        if method == "uniform":
+            res, outcome = run_method(method, net, splits, mc, bud, fixed, cfg)
+        else:
+            with progress_bar(f"{method} search", cfg.epochs) as bar:
+                res, outcome = run_method(
+                    method, net, splits, mc, bud, fixed, cfg, out=out / method,
+                    progress=lambda k, d, t, bar=bar: bar(d, t) if k == "epoch" else None)
         outcomes[method] = outcome
         rows.append(policy_row(net, splits, mc, res, finetune_epochs=finetune_epochs,
                                seed=seed))

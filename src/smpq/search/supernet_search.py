@@ -115,9 +115,16 @@ class SearchConfig:
 
     @property
     def lam(self) -> float:
+        """Complexity weight. Default: EdMIPS's term only where it is the budget mechanism.
+
+        With argmax derivation (EdMIPS) the complexity term is what steers DMPQ towards the
+        budget (0.1, with expected BitOps normalised by the budget's limit). The exact MILP
+        derivation enforces the budget itself, so there the default is 0 for both methods:
+        alpha then records accuracy preferences only, and the allocator spends the budget.
+        """
         if self.complexity_weight is not None:
             return self.complexity_weight
-        return 0.1 if self.method == "dmpq" else 0.0
+        return 0.1 if self.method == "dmpq" and self.derive == "argmax" else 0.0
 
     def to_dict(self) -> dict:
         d = asdict(self)
