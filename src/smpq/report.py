@@ -263,9 +263,9 @@ def plot_alpha_vs_shapley(contributions: Mapping, path: PathLike) -> Path | None
                        origin="lower", interpolation="nearest")
     x = np.arange(len(rows))
     top.scatter(x, [levels.index(r["alpha_choice_bits"]) for r in rows], s=220, marker="o",
-                facecolors="none", edgecolors="C3", linewidths=2, label="alpha argmax (DMPQ)")
+                facecolors="none", edgecolors="C3", linewidths=2, label="alpha argmax")
     top.scatter(x, [levels.index(r["shapley_choice_bits"]) for r in rows], s=70, marker="x",
-                color="k", linewidths=2, label="Shapley argmax (SMPQ)")
+                color="k", linewidths=2, label="Shapley argmax")
     top.set_yticks(range(len(levels)), [f"{b}-bit" for b in levels])
     top.set_title("Preferred bit-width: alpha vs Shapley (red labels: they disagree)",
                   fontsize=10)
