@@ -111,3 +111,21 @@ def test_infeasible_budget_names_cheapest(tiny, images):
     assert f"{cheapest / 1e6:.3f}" in str(exc.value)
     Budget.parse(f"bitops={cheapest}").ensure_feasible(cost, cands)
     assert math.isfinite(cheapest)
+
+
+def test_eff_bits_counts_scale_overhead():
+    from torch import nn
+
+    from smpq.cost import ModelCost
+
+    lin = {"a": nn.Linear(64, 32), "b": nn.Linear(32, 16, bias=False)}
+    cost = ModelCost.from_linears(lin)
+    g = QuantSpec(4, symmetric=False, granularity="group", group_size=32)
+    pol = Policy({"a": LayerChoice(g, None), "b": LayerChoice(QuantSpec(8), None)})
+    got = cost.metrics(pol)
+    total = 64 * 32 + 32 * 16
+    # a: 2048 weights x 4 bits + 32 rows x 2 groups x (16-bit scale + 4-bit zero point)
+    expect = (2048 * 4 + 64 * 20 + 512 * 8 + 16) / total
+    assert got["eff_bits"] == pytest.approx(expect)
+    assert got["avg_bits"] == pytest.approx((2048 * 4 + 512 * 8) / total)
+    assert cost.layers["a"].macs == 2048

@@ -8,6 +8,7 @@ Metrics of a policy (float layers count as 32/32):
 |          | biases and all other parameters (BatchNorm, ...) at 32 bits                   |
 | bitops   | sum over layers of MACs x w_bits x a_bits (per sample)                        |
 | avg_bits | parameter-weighted mean weight bits over the quantizable layers              |
+| eff_bits | like avg_bits, but counting each layer's scale/zero-point storage too          |
 
 Every metric is a sum of per-layer terms, so a budget is a set of linear constraints over
 per-layer choices (what the exact allocator needs).
@@ -17,6 +18,7 @@ Budget strings (comma-separated, each `metric=value`):
     bitops=0.5*uniform:4/4    a fraction of a uniform reference
     size=20KiB  size=0.1MB    absolute size (bytes, with optional KB/MB/KiB/MiB suffix)
     avg_bits=3.5              average weight bits
+    eff_bits=4.25             average weight bits including scale/zero-point overhead
     bitops=1.2e6              absolute BitOps
 """
 
@@ -48,7 +50,7 @@ __all__ = [
     "weight_bits",
 ]
 
-METRICS = ("size", "bitops", "avg_bits")
+METRICS = ("size", "bitops", "avg_bits", "eff_bits")
 FLOAT_BITS = 32
 
 
@@ -133,6 +135,17 @@ class ModelCost:
         self.other_params = other_params
         self.total_params = sum(lc.params for lc in self.layers.values())
 
+    @classmethod
+    def from_linears(cls, linears: Mapping[str, nn.Module], other_params: int = 0) -> ModelCost:
+        """Costs of weight-only layers (e.g. a transformer's nn.Linear): MACs per token."""
+        layers = {}
+        for n, m in linears.items():
+            params = m.weight.numel()
+            bias = m.bias.numel() if getattr(m, "bias", None) is not None else 0
+            layers[n] = LayerCost(n, type(m).__name__, tuple(m.weight.shape), params, bias,
+                                  macs=params)
+        return cls(layers, other_params=other_params)
+
     @property
     def names(self) -> list[str]:
         return list(self.layers)
@@ -147,6 +160,7 @@ class ModelCost:
             "size": weight_bits(lc, w) + FLOAT_BITS * lc.bias,
             "bitops": float(lc.macs * wb * ab),
             "avg_bits": lc.params * wb / self.total_params,
+            "eff_bits": weight_bits(lc, w) / self.total_params,
         }
 
     def choice_costs(
