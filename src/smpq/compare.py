@@ -6,7 +6,6 @@ finetune (same epochs, seed, distillation), so only the allocation differs.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -14,12 +13,12 @@ from torch import nn
 
 from smpq.cost import Budget, ModelCost
 from smpq.data import Splits
-from smpq.errors import SmpqError
 from smpq.pipeline import calibration_batches, ptq, qat
 from smpq.policy import Policy
+from smpq.search.baselines import uniform
 from smpq.search.common import StrategyResult
 from smpq.search.supernet_search import SearchConfig, SearchOutcome, search
-from smpq.spec import LayerChoice, parse_bits_pair
+from smpq.spec import LayerChoice
 from smpq.train import TrainConfig, evaluate
 
 __all__ = ["best_uniform", "outcome_result", "policy_row", "run_method"]
@@ -32,25 +31,12 @@ def best_uniform(
     a_bits: Sequence[int],
     fixed: dict[str, LayerChoice | None],
 ) -> StrategyResult:
-    """The most expensive uniform W/A pair that fits the budget (ties: more weight bits)."""
-    t0 = time.perf_counter()
-    names = cost.names
-    best = None
-    for w in w_bits:
-        for a in a_bits:
-            pol = Policy.uniform(names, w, a, pinned=fixed)
-            if all(r["ok"] for r in budget.check(cost, pol, fixed)):
-                key = (cost.metrics(pol)["bitops"], w)
-                if best is None or key > best[0]:
-                    best = (key, pol, (w, a))
-    if best is None:
-        pairs = {n: [LayerChoice.bits(w, a) for w in w_bits for a in a_bits]
-                 for n in names if n not in fixed}
-        budget.ensure_feasible(cost, {**pairs, **{n: [c] for n, c in fixed.items()}}, fixed)
-        raise SmpqError("budget infeasible: no uniform setting fits (a mixed policy may)")
-    _, pol, (w, a) = best
-    pol = Policy(pol.layers, meta={"method": f"uniform {w}/{a}", "budget": str(budget)})
-    return StrategyResult(f"uniform {w}/{a}", pol, time.perf_counter() - t0)
+    """The most expensive uniform W/A pair that fits the budget, named 'uniform W/A'."""
+    res = uniform(None, cost, budget, w_bits, a_bits, fixed)
+    name = f"uniform {res.info['w_bits']}/{res.info['a_bits']}"
+    res.name = name
+    res.policy = Policy(res.policy.layers, meta={"method": name, "budget": str(budget)})
+    return res
 
 
 def outcome_result(name: str, out: SearchOutcome) -> StrategyResult:
@@ -104,8 +90,3 @@ def run_method(
     out = search(model, splits.train, splits.val, cost, budget, replace(cfg, method=method),
                  fixed=fixed, **search_kw)
     return outcome_result(method, out), out
-
-
-def uniform_reference(cost: ModelCost, pair: str, fixed: dict) -> Policy:
-    w, a = parse_bits_pair(pair)
-    return Policy.uniform(cost.names, w, a, pinned=fixed)

@@ -1,10 +1,28 @@
 """Search strategies: from a model, data and a budget to a mixed-precision policy."""
 
+from smpq.search.baselines import (
+    greedy,
+    hawq,
+    interaction_analysis,
+    one_at_a_time,
+    oracle,
+    random_search,
+    uniform,
+)
+from smpq.search.common import StrategyResult
 from smpq.search.derive import Derivation, derive_argmax, derive_budgeted
 from smpq.search.supernet_search import METHODS, SearchConfig, SearchOutcome, search
 
 __all__ = [
     "METHODS",
+    "StrategyResult",
+    "greedy",
+    "hawq",
+    "interaction_analysis",
+    "one_at_a_time",
+    "oracle",
+    "random_search",
+    "uniform",
     "Derivation",
     "SearchConfig",
     "SearchOutcome",
