@@ -59,6 +59,9 @@ def _write(tmp_path, name, text):
         (["cost", "--uniform", "2/2", "--budget", "bitops=0.5*uniform:2/2"], None),
         (["cost", "--uniform", "4/4", "--budget", "flops=3"], "unknown budget metric"),
         (["layers", "--checkpoint", "NOWHERE"], "not found"),
+        (["compare", "--methods", "uniform,bogus"], "unknown method"),
+        (["search", "--budget", "bitops=0.1*uniform:2/2", "--epochs", "1"], "cheapest reachable"),
+        (["search", "--w-bits", "2,x"], "candidate bits"),
     ],
 )
 def test_user_mistakes_exit_2(monkeypatch, capsys, ckpt, tmp_path, args, msg):

@@ -47,7 +47,7 @@ def progress_bar(description: str, total: int):
         TextColumn("[bold]{task.description}"), BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err_console,
-        transient=False,
+        transient=True,
     ) as prog:
         task = prog.add_task(description, total=total, info="")
 
@@ -313,6 +313,58 @@ def write_search_outputs(out: Path, outcome, rows, budget, mc, fixed) -> None:
     write_report(out, title=f"{outcome.policy.meta.get('method', 'search')} at {budget}",
                  policy=outcome.policy, contributions=outcome.contributions,
                  comparison=comparison, budget=brows)
+
+
+@app.command()
+def compare(
+    budget: str = typer.Option("bitops=uniform:3/3", help="Budget, e.g. bitops=uniform:3/3."),
+    methods: str = typer.Option(",".join(("uniform", "hawq", "oat_high", "oat_low", "greedy",
+                                          "random", "smpq", "dmpq")),
+                                help="Comma-separated methods to compare."),
+    out: Path = typer.Option(Path("runs/compare"), help="Output folder."),
+    data: str = DataOpt, model: str = ModelOpt, checkpoint: Path = CkptOpt,
+    cache: Path = CacheOpt, data_dir: str = DataDirOpt,
+    epochs: int = typer.Option(8, min=1, help=SEARCH_HELP),
+    finetune_epochs: int = typer.Option(3, min=0, help="LSQ QAT epochs per policy."),
+    w_bits: str = typer.Option("2,3,4,8", help="Weight bit candidates."),
+    a_bits: str = typer.Option("2,3,4,8", help="Activation bit candidates."),
+    pin: bool = typer.Option(True, help="Keep first and last layer at 8/8."),
+    seed: int = SeedOpt,
+) -> None:
+    """Every allocation method side by side on your model and data at one budget."""
+    from smpq.compare import COMPARE_METHODS, policy_row, run_method
+    from smpq.cost import Budget, trace_costs
+    from smpq.pipeline import default_pinned
+    from smpq.policy import atomic_write_text
+    from smpq.report import plot_tradeoff
+
+    wanted = [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = [m for m in wanted if m not in COMPARE_METHODS]
+    if unknown or not wanted:
+        raise SmpqError(f"unknown method(s) {unknown}; known: {', '.join(COMPARE_METHODS)}")
+    cfg = _search_config("smpq", epochs, 10, 0.5, False, "acc", "milp", False, w_bits, a_bits,
+                         seed)
+    bud = Budget.parse(budget)
+    net, splits, _ = fp_model(data, model, checkpoint, cache, data_dir=data_dir)
+    mc = trace_costs(net, splits.val[0][0][None])
+    fixed = default_pinned(mc.names) if pin else {}
+    rows, smpq_evals = [], 100
+    # SMPQ first, so that random search gets the same number of validation passes
+    for method in sorted(wanted, key=lambda m: m != "smpq"):
+        with progress_bar(method, 1) as bar:
+            res, _ = run_method(method, net, splits, mc, bud, fixed, cfg,
+                                n_evaluations=smpq_evals)
+            bar(1, 1)
+        if method == "smpq":
+            smpq_evals = max(res.evaluations, 1)
+        rows.append(policy_row(net, splits, mc, res, finetune_epochs=finetune_epochs, seed=seed))
+        res.policy.save(out / "policies" / f"{method}.json")
+    console.print(_table(f"methods at {bud}", rows, ROW_COLS))
+    atomic_write_text(out / "compare.json", json.dumps({"budget": str(bud), "rows": rows},
+                                                       indent=2))
+    atomic_write_text(out / "compare.md", _markdown(rows, ROW_COLS))
+    plot_tradeoff([{**r, "method": r["method"]} for r in rows], out / "compare.png")
+    console.print(f"wrote {out}/compare.json, compare.md, compare.png and policies/")
 
 
 @app.command()

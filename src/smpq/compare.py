@@ -13,15 +13,18 @@ from torch import nn
 
 from smpq.cost import Budget, ModelCost
 from smpq.data import Splits
+from smpq.errors import SmpqError
 from smpq.pipeline import calibration_batches, ptq, qat
 from smpq.policy import Policy
 from smpq.search.baselines import uniform
 from smpq.search.common import StrategyResult
-from smpq.search.supernet_search import SearchConfig, SearchOutcome, search
-from smpq.spec import LayerChoice
+from smpq.search.supernet_search import METHODS, SearchConfig, SearchOutcome, search
+from smpq.spec import LayerChoice, act_spec, weight_spec
 from smpq.train import TrainConfig, evaluate
 
-__all__ = ["best_uniform", "outcome_result", "policy_row", "run_method"]
+__all__ = ["COMPARE_METHODS", "best_uniform", "outcome_result", "policy_row", "run_method"]
+
+COMPARE_METHODS = ("uniform", "hawq", "oat_high", "oat_low", "greedy", "random", "smpq", "dmpq")
 
 
 def best_uniform(
@@ -84,9 +87,31 @@ def run_method(
     cfg: SearchConfig,
     **search_kw,
 ) -> tuple[StrategyResult, SearchOutcome | None]:
-    """'smpq', 'dmpq' or 'uniform' at this budget (with cfg's candidates and seed)."""
+    """One of COMPARE_METHODS at this budget, with cfg's candidates and seed.
+
+    'random' gets `n_evaluations` (default 100) validation passes; pass SMPQ's count for a
+    like-for-like comparison.
+    """
     if method == "uniform":
         return best_uniform(cost, budget, cfg.w_bits, cfg.a_bits, fixed), None
+    if method not in COMPARE_METHODS:
+        raise SmpqError(f"unknown method {method!r}; known: {', '.join(COMPARE_METHODS)}")
+    if method not in METHODS:
+        from smpq.search import baselines as b
+
+        w_specs = [weight_spec(x) for x in cfg.w_bits]
+        a_specs = [act_spec(x) for x in cfg.a_bits]
+        args = (model, cost, budget, splits.train, splits.val, w_specs, a_specs, fixed)
+        kw = {"seed": cfg.seed}
+        if method == "hawq":
+            return b.hawq(*args), None
+        if method.startswith("oat_"):
+            return b.one_at_a_time(*args, reference=method[4:], **kw), None
+        if method == "greedy":
+            return b.greedy(*args, **kw), None
+        n = int(search_kw.get("n_evaluations", 100))
+        return b.random_search(*args, n_evaluations=n, **kw), None
+    search_kw.pop("n_evaluations", None)
     out = search(model, splits.train, splits.val, cost, budget, replace(cfg, method=method),
                  fixed=fixed, **search_kw)
     return outcome_result(method, out), out

