@@ -62,6 +62,9 @@ def _write(tmp_path, name, text):
         (["compare", "--methods", "uniform,bogus"], "unknown method"),
         (["search", "--budget", "bitops=0.1*uniform:2/2", "--epochs", "1"], "cheapest reachable"),
         (["search", "--w-bits", "2,x"], "candidate bits"),
+        (["ptq", "--model", "NOWHERE"], "not found"),
+        (["ptq", "--candidates", "int9g32", "--model", "NOWHERE"], "bits"),
+        (["ptq", "--backend", "bogus", "--model", "NOWHERE"], "unknown PTQ backend"),
     ],
 )
 def test_user_mistakes_exit_2(monkeypatch, capsys, ckpt, tmp_path, args, msg):
@@ -72,7 +75,7 @@ def test_user_mistakes_exit_2(monkeypatch, capsys, ckpt, tmp_path, args, msg):
         "NOWHERE": tmp_path / "nowhere",
     }
     args = [str(files.get(a, a)) for a in args]
-    if "--checkpoint" not in args:
+    if "--checkpoint" not in args and args[0] != "ptq":
         args += ["--checkpoint", str(ckpt)]
     code, out, err = run(monkeypatch, capsys, *args)
     if msg is None:  # a budget over a policy is reported, not an error: 'NO' marks the violation

@@ -38,6 +38,19 @@ CacheOpt = typer.Option(DEFAULT_CACHE, help="Cache folder for trained float mode
 SeedOpt = typer.Option(0, help="Random seed.")
 
 
+@app.callback()
+def _global(
+    threads: int = typer.Option(
+        1, min=0, help="torch CPU threads (0 = torch's default). Small models gain little "
+        "from more, and on a busy machine extra threads spin and slow everything down."),
+) -> None:
+    """Options that apply to every command."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 # -- helpers -------------------------------------------------------------------------------
 
 @contextmanager
@@ -432,6 +445,27 @@ def _alpha_vs_shapley(out: Path, dmpq, smpq) -> None:
     agree = sum(r["alpha_choice_bits"] == r["shapley_choice_bits"] for r in rows)
     console.print(f"DMPQ's alpha and SMPQ's Shapley values pick the same bit-width in "
                   f"{agree} of {len(rows)} (layer, weight/activation) decisions")
+
+
+@app.command()
+def ptq(
+    model: str = typer.Option("tiny-lm", help="tiny-lm (trained here once), minilm (packaged), "
+                              "or a local Hugging Face folder."),
+    budget: str = typer.Option("avg_bits=3", help="e.g. avg_bits=3.5, eff_bits=4, size=2MB."),
+    backend: str = typer.Option("rtn", help="rtn, gptq, awq_rtn or awq_gptq."),
+    method: str = typer.Option("shapley", help="shapley, shapley_pairwise, shapley_literal, "
+                               "uniform, hessian, fisher, gradxdw or relerr."),
+    out: Path = typer.Option(Path("runs/ptq"), help="Output folder."),
+    candidates: str = typer.Option("int2g32,int3g32,int4g32,int8g32",
+                                   help="Weight formats to choose from."),
+    resume: bool = typer.Option(False, help="Reuse cached candidates and Shapley samples."),
+    seed: int = SeedOpt,
+) -> None:
+    """Post-training mixed precision for a transformer's linear layers (weight-only)."""
+    from smpq.llm.run import ptq_command
+
+    console.print(ptq_command(model=model, budget=budget, backend=backend, method=method,
+                              out=str(out), resume=resume, seed=seed, candidates=candidates))
 
 
 def _markdown(rows: list[dict], cols: list[str]) -> str:

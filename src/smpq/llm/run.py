@@ -1,0 +1,461 @@
+"""End-to-end weight-only mixed-precision PTQ of a local transformer, resumable after a kill.
+
+    load -> data -> float references -> calibration stats -> candidate weights (cached) ->
+    scores (Shapley progressive game or a baseline) -> exact allocation -> evaluation -> files
+
+Data protocol (fixed, disjoint by file, see smpq.llm.data):
+
+| model     | calibration: scores, Hessians, game | validation: search objective | test: final |
+|-----------|--------------------------------------|------------------------------|-------------|
+| causal LM | calib_blocks of "calibration"        | KL on val_blocks             | perplexity, |
+|           |                                      |                              | KL          |
+| encoder   | calib_pairs docstring pairs          | embedding cosine             | cosine,     |
+|           |                                      |                              | retrieval   |
+
+Files in `out`: policy.json, contributions.json (per player / per group), summary.json, the
+packed checkpoint (model.safetensors + quant_meta.json, `smpq.export.load_quantized(out, m)`;
+not for AWQ backends, whose channel scales would need folding into the previous op),
+exports/ (llama.cpp, GPTQModel, torchao, HF), cache/candidates/ and shapley_state.json.
+Candidate weights are content-keyed and always reused; `resume=True` also continues the
+Shapley sampling from shapley_state.json (without it, sampling starts afresh).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from smpq.allocate import Allocation
+from smpq.cost import Budget, ModelCost
+from smpq.errors import SmpqError
+from smpq.llm.mixed import (
+    DEFAULT_CANDIDATES,
+    MixedConfig,
+    ProgressiveGame,
+    allocate_groups,
+    allocate_pairwise,
+    build_candidates,
+    choice_policy,
+    choice_scores,
+    estimate_contributions,
+    group_costs,
+    interaction_matrix,
+    pairwise_lambda,
+    parse_candidates,
+    spec_key,
+)
+from smpq.llm.scores import (
+    METHODS,
+    baseline_scores,
+    contrastive_loss,
+    gradient_moments,
+    lm_loss,
+    uniform_choice,
+)
+from smpq.policy import atomic_write_text
+from smpq.shapley import ShapleyResult
+
+__all__ = ["ALL_METHODS", "PTQSession", "RunSettings", "ptq_command", "run_ptq"]
+
+log = logging.getLogger(__name__)
+
+ALL_METHODS = ("shapley", "shapley_pairwise", "shapley_literal", *METHODS)
+STATS_BACKENDS = ("gptq", "awq_rtn", "awq_gptq")
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Data sizes and estimation settings, sized for 2 CPU cores: every Shapley evaluation is a
+    forward pass over the calibration set (one thread: tiny LM ~0.05 s for 8 blocks of 128,
+    MiniLM ~0.8 s for 32 texts of <= 64 tokens)."""
+
+    block: int = 128
+    calib_blocks: int = 16
+    val_blocks: int = 32
+    test_blocks: int = 64
+    calib_pairs: int = 16
+    val_pairs: int = 32
+    test_pairs: int = 64
+    max_length: int = 64
+    batch_size: int = 8
+    fuse: bool = True
+    shapley: MixedConfig = field(default_factory=MixedConfig)
+    cache_dir: str = ".cache/smpq"
+
+
+def _digest(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _load(model: str, cache_dir: str) -> tuple[torch.nn.Module, Any, str]:
+    from smpq.llm.models import load_local, load_minilm
+    from smpq.llm.tiny_lm import default_tiny_lm
+
+    if model == "minilm":
+        m, tok = load_minilm()
+    elif model == "tiny-lm":
+        m, tok = load_local(default_tiny_lm(cache_dir))
+    else:
+        m, tok = load_local(model)
+    if tok is None:
+        raise SmpqError(f"model {model!r} has no tokenizer files; smpq needs one for its data")
+    causal = type(m).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+    return m, tok, "causal_lm" if causal else "encoder"
+
+
+def _encode_pairs(tok: Any, task: Any, size: int, max_length: int) -> list[tuple[dict, dict]]:
+    """(queries, documents) token batches of `size` pairs for the contrastive gradient loss."""
+
+    def enc(texts: Any) -> dict:
+        return dict(tok(list(texts), padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt"))
+
+    n = len(task.queries)
+    return [(enc(task.queries[i:i + size]), enc(task.documents[i:i + size]))
+            for i in range(0, n, size)]
+
+
+class PTQSession:
+    """One model, its data, references and candidate weights: score, allocate, evaluate.
+
+    The benchmark drives it directly (many methods and budgets on one session); `run_ptq` is
+    one method and one budget plus the files."""
+
+    def __init__(self, model: str, backend: str = "rtn",
+                 candidates: str | list = DEFAULT_CANDIDATES,
+                 settings: RunSettings = RunSettings(), out: str | Path | None = None,
+                 progress: Progress | None = None) -> None:
+        from smpq.llm.models import arch_of, linear_layers, share_groups
+        from smpq.ptq import BACKENDS
+
+        if backend not in BACKENDS:
+            raise SmpqError(f"unknown PTQ backend {backend!r}; known: {', '.join(BACKENDS)}")
+        self.settings, self.backend, self.out = settings, backend, Path(out) if out else None
+        self.progress = progress or (lambda stage, done, total: None)
+        self.specs = parse_candidates(candidates)
+        self.progress("load", 0, 1)
+        self.model, self.tokenizer, self.kind = _load(model, settings.cache_dir)
+        self.model_name, self.arch = model, arch_of(self.model)
+        self.linears = linear_layers(self.model)
+        self.groups = share_groups(list(self.linears), self.arch, settings.fuse)
+        quant = {id(p) for m in self.linears.values() for p in (m.weight, m.bias) if p is not None}
+        other = sum(p.numel() for p in self.model.parameters() if id(p) not in quant)
+        self.cost = ModelCost.from_linears(self.linears, other_params=other)
+        self.progress("data", 0, 1)
+        self._data()
+        self._stats: dict | None = None
+        self.stats_seconds = 0.0
+        self.candidates: Any = None
+        self.swapper: Any = None
+
+    def prepare(self) -> PTQSession:
+        """Quantize (or load from the cache) every candidate weight; needed before scoring."""
+        from smpq.llm.values import WeightSwapper
+
+        if self.candidates is None:
+            context = self.calib_digest if self.backend in STATS_BACKENDS else ""
+            cache = self.out / "cache" / "candidates" if self.out else None
+            self.candidates = build_candidates(self.linears, self.specs, self.backend,
+                                               self.stats, cache, context, self.progress)
+            self.swapper = WeightSwapper(self.model, self.candidates.weights)
+        return self
+
+    def check(self, budget: Budget) -> dict[str, float]:
+        """Raise SmpqError if no policy over the candidates fits; returns the limits."""
+        from smpq.spec import LayerChoice
+
+        allowed = {n: [LayerChoice(s, None) for s in self.specs] for n in self.linears}
+        return budget.ensure_feasible(self.cost, allowed)
+
+    # -- data and values ----------------------------------------------------------------
+    def _data(self) -> None:
+        from smpq.llm import values
+        from smpq.llm.data import docstring_pairs, stdlib_corpus, token_blocks
+
+        s, m, bs = self.settings, self.model, self.settings.batch_size
+        if self.kind == "causal_lm":
+            corpus = stdlib_corpus()
+            blocks = {split: token_blocks(corpus[split], self.tokenizer, s.block, n)
+                      for split, n in (("calibration", s.calib_blocks),
+                                       ("validation", s.val_blocks), ("test", s.test_blocks))}
+            self.calib = blocks["calibration"]
+            self.calib_batches = list(self.calib.split(bs))
+            self.grad_batches = list(self.calib.split(1))
+            self.refs = {k: values.float_reference(m, b, batch_size=bs) for k, b in
+                         (("calib", self.calib), ("val", blocks["validation"]),
+                          ("test", blocks["test"]))}
+            self.test_blocks = blocks["test"]
+            self.forward_fn = lambda model, b: model(input_ids=b, use_cache=False)
+            self.loss_fn = lm_loss
+            self.calib_digest = _digest(self.calib)
+            return
+        tasks = {k: docstring_pairs(split, n) for k, split, n in (
+            ("calib", "calibration", s.calib_pairs), ("val", "validation", s.val_pairs),
+            ("test", "test", s.test_pairs))}
+        self.refs = {k: values.encoder_reference(m, self.tokenizer, t.texts, s.max_length)
+                     for k, t in tasks.items()}
+        self.retrieval = values.retrieval_reference(m, self.tokenizer, tasks["test"], s.max_length)
+        self.calib_batches = list(self.refs["calib"].inputs.batches)
+        self.grad_batches = _encode_pairs(self.tokenizer, tasks["calib"], bs, s.max_length)
+        self.forward_fn = lambda model, b: model(**b)
+        self.loss_fn = contrastive_loss
+        self.calib_digest = hashlib.sha256("\0".join(tasks["calib"].texts).encode()).hexdigest()
+
+    def value(self, split: str = "calib") -> float:
+        """Higher is better: -KL(float || model) for LMs, -(1 - embedding cosine) encoders."""
+        from smpq.llm import values
+
+        if self.kind == "causal_lm":
+            return -values.kl_to_float(self.model, self.refs[split])
+        return -(1.0 - values.embedding_cosine(self.model, self.refs[split]))
+
+    def stats(self) -> dict:
+        """Calibration Hessians and activation means (collected once, timed)."""
+        if self._stats is None:
+            from smpq.ptq import collect_input_stats
+
+            self.progress("stats", 0, 1)
+            start = time.perf_counter()
+            if self.swapper is not None:
+                self.swapper.restore()
+            self._stats = collect_input_stats(self.model, list(self.linears),
+                                              self.calib_batches, self.forward_fn)
+            self.stats_seconds = time.perf_counter() - start
+        return self._stats
+
+    # -- scores ---------------------------------------------------------------------------
+    def game(self, ladder: bool = True) -> ProgressiveGame:
+        keys = self.candidates.keys
+
+        def evaluate(levels: tuple[int, ...]) -> float:
+            self.swapper.set({n: keys[k] for g, k in zip(self.groups, levels, strict=True)
+                              for n in g})
+            return self.value("calib")
+
+        return ProgressiveGame(len(self.groups), len(self.specs), evaluate, ladder)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"model": self.model_name, "weights": _digest(*[m.weight for m in
+                                                              self.linears.values()]),
+                "backend": self.backend, "candidates": list(self.candidates.keys),
+                "groups": self.groups, "calibration": self.calib_digest}
+
+    def shapley(self, config: MixedConfig, state_path: Path | None = None,
+                resume: bool = False, ladder: bool = True
+                ) -> tuple[ShapleyResult, ProgressiveGame, dict]:
+        """Shapley values of the progressive game (mixed.py's docstring) and their cost."""
+        game, start = self.game(ladder), time.perf_counter()
+        try:
+            result = estimate_contributions(game, config, state_path=state_path, resume=resume,
+                                            fingerprint=self.fingerprint(),
+                                            progress=self.progress)
+        finally:
+            self.swapper.restore()
+        cost = {"seconds": time.perf_counter() - start, "forward_passes": game.forward_passes,
+                "backward_passes": 0, "mask_evaluations": result.evaluations,
+                "permutations": result.permutations, "stop_reason": result.stop_reason}
+        return result, game, cost
+
+    def baseline(self, method: str) -> tuple[tuple[np.ndarray, ...], dict, dict]:
+        """(scores per group, raw per-layer errors, cost) of one baseline method."""
+        if method not in METHODS:
+            raise SmpqError(f"unknown method {method!r}; known: {', '.join(ALL_METHODS)}")
+        self.swapper.restore()
+        extra, moments, n_grad = 0.0, None, 0
+        stats = None
+        if method in ("hessian", "relerr"):
+            stats = self.stats()
+            extra = self.stats_seconds
+        if method in ("fisher", "gradxdw"):
+            start = time.perf_counter()
+            moments, n_grad = gradient_moments(self.model, self.linears, self.grad_batches,
+                                               self.loss_fn)
+            extra = time.perf_counter() - start
+        res = baseline_scores(method, self.linears, self.groups, self.candidates, stats=stats,
+                              moments=moments, n_grad_batches=n_grad)
+        cost = {"seconds": res.seconds + extra, "forward_passes": res.forward_passes,
+                "backward_passes": res.backward_passes}
+        return res.scores, res.errors, cost
+
+    # -- allocation and evaluation ---------------------------------------------------------
+    def budget_costs(self, budget: Budget) -> tuple[dict, dict[str, float]]:
+        costs = group_costs(self.cost, self.groups, self.specs)
+        limits = budget.layer_limits(self.cost)
+        return costs, limits
+
+    def allocate(self, method: str, scores: Any, budget: Budget,
+                 result: ShapleyResult | None = None, config: MixedConfig = MixedConfig()
+                 ) -> Allocation | tuple[int, ...]:
+        costs, limits = self.budget_costs(budget)
+        if method == "uniform":
+            return uniform_choice(costs, limits)
+        if method == "shapley_pairwise" or (method == "shapley" and config.interactions):
+            k = interaction_matrix(result, config.shrinkage)
+            return allocate_pairwise(result.estimate, k, costs, limits, len(self.specs),
+                                     pairwise_lambda(k, config.risk))
+        return allocate_groups(scores, costs, limits)
+
+    def evaluate(self, choice: tuple[int, ...]) -> dict[str, float]:
+        """Validation (search objective) and test metrics of one group choice."""
+        from smpq.llm import values
+
+        keys = self.candidates.keys
+        with self.swapper.applied({n: keys[k] for g, k in zip(self.groups, choice, strict=True)
+                                   for n in g}):
+            out = {"val_value": self.value("val")}
+            if self.kind == "causal_lm":
+                out["test_kl"] = -self.value("test")
+                out["test_perplexity"] = values.perplexity(self.model, self.test_blocks,
+                                                           self.settings.batch_size)
+            else:
+                out["test_cosine"] = 1.0 + self.value("test")
+                out.update(values.retrieval_report(self.model, self.retrieval, self._k))
+        return out
+
+    def float_metrics(self) -> dict[str, float]:
+        if self.kind == "causal_lm":
+            return {"test_perplexity": self.refs["test"].perplexity}
+        self.swapper.restore()
+        from smpq.llm import values
+
+        return values.retrieval_report(self.model, self.retrieval, self._k)
+
+    @property
+    def _k(self) -> int:
+        return min(10, self.retrieval.scores.shape[1])
+
+
+def _contributions(session: PTQSession, choice: tuple[int, ...], scores: Any,
+                   result: ShapleyResult | None, errors: Mapping | None) -> dict:
+    keys = session.candidates.keys
+    groups = [{"layers": g, "chosen": keys[c], "scores": dict(zip(keys, map(float, s),
+                                                                   strict=True))}
+              for g, c, s in zip(session.groups, choice, scores, strict=True)]
+    out: dict[str, Any] = {"candidates": list(keys), "groups": groups}
+    if result is not None:
+        lv = len(keys) - 1
+        out["players"] = [{
+            "group": p // lv, "candidate": keys[p % lv + 1], "layers": session.groups[p // lv],
+            "step": f"{keys[p % lv]}->{keys[p % lv + 1]}",
+            "estimate": float(result.estimate[p]), "stderr": _num(result.stderr[p]),
+            "ci95": [_num(result.ci_low[p]), _num(result.ci_high[p])],
+            "samples": int(result.n_samples[p])} for p in range(len(result.estimate))]
+        out["value_full"], out["value_empty"] = result.value_full, result.value_empty
+    if errors:
+        out["layer_errors"] = {n: dict(zip(keys, e, strict=True)) for n, e in errors.items()}
+    return out
+
+
+def _num(x: float) -> float | None:
+    return float(x) if math.isfinite(float(x)) else None
+
+
+def _write_model(session: PTQSession, out: Path, policy: Any) -> str | None:
+    """The packed checkpoint + exports; returns why it was skipped, if it was."""
+    from smpq.export import GGUF_NAME_MAPS, QuantizedTensor, save_quantized, write_exports
+
+    note = None
+    if session.backend.startswith("awq"):
+        note = "AWQ weights carry per-channel scales the packed format cannot hold"
+        policy.save(out / "policy.json")
+    else:
+        qweights = {}
+        if session.backend == "gptq":
+            for name, choice in policy.layers.items():
+                key = spec_key(choice.weight)
+                ex = session.candidates.extras[name][key]
+                qweights[name] = QuantizedTensor.from_fake(
+                    session.candidates.weights[name][key], choice.weight, ex["scale"],
+                    ex.get("zero_point"))
+        session.swapper.restore()
+        save_quantized(out, session.model, policy, qweights)
+    arch = {"llama": "llama", "bert": "bert"}.get(session.arch)
+    if arch in GGUF_NAME_MAPS:
+        write_exports(out / "exports", policy, arch)
+    return note
+
+
+def run_ptq(model: str, budget: str | Budget, backend: str = "rtn", method: str = "shapley",
+            out: str | Path = "runs/ptq", candidates: str | list = DEFAULT_CANDIDATES,
+            seed: int = 0, resume: bool = False, progress: Progress | None = None,
+            settings: RunSettings = RunSettings()) -> dict:
+    """Allocate formats for `model` ("tiny-lm", "minilm" or a local HF folder) under
+    `budget` (e.g. "avg_bits=3.5"), evaluate, write the files; returns the summary."""
+    if method not in ALL_METHODS:
+        raise SmpqError(f"unknown method {method!r}; known: {', '.join(ALL_METHODS)}")
+    budget = Budget.parse(budget) if isinstance(budget, str) else budget
+    config = replace(settings.shapley, seed=seed)
+    out = Path(out)
+    start = time.perf_counter()
+    session = PTQSession(model, backend, candidates, settings, out, progress)
+    limits = session.check(budget)
+    session.prepare()
+    session.progress("score", 0, 1)
+    result, errors = None, None
+    if method.startswith("shapley"):
+        ladder = method != "shapley_literal"
+        result, _, score_cost = session.shapley(config, out / "shapley_state.json", resume,
+                                                ladder)
+        scores = choice_scores(result.estimate, len(session.groups), len(session.specs))
+    else:
+        scores, errors, score_cost = session.baseline(method)
+    session.progress("allocate", 0, 1)
+    alloc = session.allocate(method, scores, budget, result, config)
+    choice = alloc if isinstance(alloc, tuple) else alloc.choice
+    policy = choice_policy(session.groups, session.specs, choice, meta={
+        "method": method, "backend": backend, "budget": str(budget), "model": model,
+        "candidates": list(session.candidates.keys), "seed": seed})
+    session.progress("evaluate", 0, 1)
+    metrics = session.evaluate(choice)
+    session.progress("write", 0, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    note = _write_model(session, out, policy)
+    contrib = _contributions(session, choice, scores, result, errors)
+    atomic_write_text(out / "contributions.json", json.dumps(contrib, indent=1) + "\n")
+    summary = {
+        "model": model, "kind": session.kind, "method": method, "backend": backend,
+        "budget": str(budget), "seed": seed, "candidates": list(session.candidates.keys),
+        "groups": len(session.groups), "layers": len(session.linears),
+        "choice": {spec_key(session.specs[k]): int(sum(1 for c in choice if c == k))
+                   for k in range(len(session.specs))},
+        "budget_check": budget.check(session.cost, policy),
+        "binding": list(alloc.binding) if isinstance(alloc, Allocation) else [],
+        "metrics": metrics, "float": session.float_metrics(), "search_cost": score_cost,
+        "candidates_built": session.candidates.built,
+        "candidates_loaded": session.candidates.loaded, "checkpoint_note": note,
+        "seconds": time.perf_counter() - start, "limits": limits,
+        "shapley": config.to_dict() if result is not None else None,
+    }
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
+    return summary
+
+
+def ptq_command(model: str = "tiny-lm", budget: str = "avg_bits=3", backend: str = "rtn",
+                method: str = "shapley", out: str = "runs/ptq", resume: bool = False,
+                seed: int = 0, candidates: str = DEFAULT_CANDIDATES) -> str:
+    """`smpq ptq`: run_ptq with plain arguments; returns a short report for the terminal."""
+    s = run_ptq(model, budget, backend, method, out, candidates, seed, resume)
+    m = s["metrics"]
+    main = (f"test perplexity {m['test_perplexity']:.4f} (float {s['float']['test_perplexity']:.4f}"
+            f"), test KL {m['test_kl']:.5f}" if s["kind"] == "causal_lm" else
+            f"test cosine {m['test_cosine']:.5f}, retrieval spearman {m['spearman']:.4f}")
+    return "\n".join([
+        f"{s['method']} / {s['backend']} under {s['budget']}: {main}",
+        "formats: " + ", ".join(f"{k} x{v}" for k, v in s["choice"].items()),
+        f"binding: {', '.join(s['binding']) or 'none'}; search {s['search_cost']['seconds']:.1f}"
+        f" s, {s['search_cost']['forward_passes']} forward passes",
+        f"wrote {Path(out) / 'policy.json'}, summary.json, contributions.json"])

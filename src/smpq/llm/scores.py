@@ -1,0 +1,360 @@
+"""Candidate weights and the baseline allocators' scores (per-layer sensitivities).
+
+Candidates: weight formats as short strings (`parse_candidates`: int4g32 = asymmetric int4 in
+groups of 32, int8 = per channel, -sym = symmetric, fp4_e2m1g32 = minifloat), ordered by bits.
+Each (layer, format) is quantized ONCE by the backend and cached as safetensors keyed by a
+fingerprint (float weight, spec, backend, calibration digest), so a killed run redoes none.
+
+Baselines: each method scores every (group, candidate) -- higher is better -- and all of them are
+allocated by the same exact MILP as the Shapley scores (`mixed.allocate_groups`), so only the
+scores differ. dW = Q_k(W) - W is taken from the candidate weights of the chosen backend (the
+weights that will be deployed), W the float weight. Score = -(sum of the group's layer errors).
+
+| method  | per-layer error of candidate k                                | data it needs       |
+|---------|---------------------------------------------------------------|---------------------|
+| uniform | none: the highest single format whose uniform policy fits     | -                   |
+| hessian | tr(dW H dW^T), H = 2/N X^T X (the GPTQ layer-wise objective;  | 1 calibration pass  |
+|         | HAWQ / Fisher style output error)                             |                     |
+| fisher  | sum F * dW^2, F = mean over batches of the squared gradient   | forward + backward  |
+|         | of the loss (empirical Fisher, one block per batch)           | per batch           |
+| gradxdw | sum abs(G * dW), G = mean gradient (AutoRound AutoScheme)     | same as fisher      |
+| relerr  | params * sqrt(tr(dW H dW^T) / tr(W H W^T)) (ExLlamaV2-style   | 1 calibration pass  |
+|         | relative output error weighted by the layer's size)           |                     |
+
+Loss for gradients: causal LMs the next-token NLL; encoders (all-MiniLM-L6-v2) the in-batch
+contrastive loss it was trained with (MultipleNegativesRankingLoss, cosine x 20) on query /
+document pairs -- at the float model an embedding-distance loss would have zero gradient.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from smpq.errors import SmpqError
+from smpq.spec import FLOAT_FORMATS, Granularity, QuantSpec
+
+__all__ = [
+    "CONTRASTIVE_SCALE", "DEFAULT_CANDIDATES", "METHODS", "Candidates", "ScoreResult",
+    "baseline_scores", "build_candidates", "contrastive_loss", "gradient_moments",
+    "group_scores", "hessian_errors", "layer_errors", "lm_loss", "parse_candidates",
+    "spec_key", "uniform_choice",
+]
+
+DEFAULT_CANDIDATES = "int2g32,int3g32,int4g32,int8g32"
+METHODS = ("uniform", "hessian", "fisher", "gradxdw", "relerr")
+CONTRASTIVE_SCALE = 20.0
+LossFn = Callable[[nn.Module, Any], Tensor]
+Progress = Callable[[str, int, int], None]
+_TOKEN = re.compile(r"^(?P<fmt>int(?P<bits>\d+)|fp\d_e\dm\d)(?:g(?P<group>\d+)|(?P<gran>ch|t))?"
+                    r"(?P<sym>-sym|-asym)?$")
+
+
+# ----------------------------------------------------------------------------- candidates
+
+
+def spec_key(spec: QuantSpec) -> str:
+    """Canonical candidate string (parse_candidates reads it back): int is asymmetric unless
+    '-sym'; no suffix = per channel, 'g32' = groups of 32, 't' = per tensor."""
+    base = f"int{spec.bits}" if spec.fmt == "int" else spec.fmt
+    gran = {Granularity.GROUP: f"g{spec.group_size}", Granularity.CHANNEL: "",
+            Granularity.TENSOR: "t"}[spec.granularity]
+    return base + gran + ("-sym" if spec.fmt == "int" and spec.symmetric else "")
+
+
+def _parse_one(token: str) -> QuantSpec:
+    m = _TOKEN.match(token.strip().lower())
+    if not m:
+        raise SmpqError(f"cannot read candidate {token!r}; write e.g. int4g32, int8, int4g128-sym, "
+                        "fp4_e2m1g32")
+    fmt = "int" if m["bits"] else m["fmt"]
+    if fmt != "int" and fmt not in FLOAT_FORMATS:
+        known = ", ".join(FLOAT_FORMATS)
+        raise SmpqError(f"unknown format in {token!r}; known: int<bits>, {known}")
+    bits = int(m["bits"]) if m["bits"] else FLOAT_FORMATS[fmt].bits
+    gran = "group" if m["group"] else {"t": "tensor", None: "channel", "ch": "channel"}[m["gran"]]
+    symmetric = fmt != "int" or m["sym"] == "-sym"
+    if fmt != "int" and m["sym"] == "-asym":
+        raise SmpqError(f"minifloat candidate {token!r} cannot be asymmetric")
+    group = int(m["group"]) if m["group"] else None
+    return QuantSpec(bits=bits, fmt=fmt, symmetric=symmetric, granularity=Granularity(gran),
+                     group_size=group)
+
+
+def parse_candidates(text: str | Sequence[str | QuantSpec]) -> tuple[QuantSpec, ...]:
+    """At least two distinct weight formats, ordered by bits (stable): the precision ladder."""
+    items = [t for t in text.split(",") if t.strip()] if isinstance(text, str) else list(text)
+    specs = [s if isinstance(s, QuantSpec) else _parse_one(str(s)) for s in items]
+    keys = [spec_key(s) for s in specs]
+    if len(set(keys)) != len(keys):
+        raise SmpqError(f"candidates repeat a format: {keys}")
+    if len(specs) < 2:
+        raise SmpqError(f"need at least two candidate formats, got {keys}")
+    return tuple(sorted(specs, key=lambda s: s.bits))
+
+
+@dataclass(frozen=True, eq=False)
+class Candidates:
+    """Fake-quantized weights per layer and candidate key, plus the scales GPTQ used
+    (`extras[layer][key]`: {"scale", "zero_point"}) so the chosen ones export exactly."""
+
+    specs: tuple[QuantSpec, ...]
+    weights: dict[str, dict[str, Tensor]]
+    extras: dict[str, dict[str, dict[str, Tensor]]]
+    built: int
+    loaded: int
+    seconds: float
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(spec_key(s) for s in self.specs)
+
+
+def _fingerprint(w: Tensor, spec: QuantSpec, backend: str, context: str) -> str:
+    h = hashlib.sha256(w.detach().float().contiguous().numpy().tobytes())
+    h.update(json.dumps([spec.to_dict(), backend, context], sort_keys=True).encode())
+    return h.hexdigest()[:24]
+
+
+def _quantize(w: Tensor, spec: QuantSpec, backend: str, stats: Mapping | None) -> dict[str, Tensor]:
+    from smpq.ptq import get_backend, gptq_quantize, require_stat
+
+    if backend == "gptq":  # keep GPTQ's scales: its weights are not on RTN's grid
+        res = gptq_quantize(w, require_stat(stats, "hessian", "GPTQ"), spec)
+        out = {"weight": res.weight, "scale": res.scale}
+        return out | ({"zero_point": res.zero_point} if res.zero_point is not None else {})
+    return {"weight": get_backend(backend)(w.clone(), spec, stats)}
+
+
+def _load_cached(path: Path, fingerprint: str) -> dict[str, Tensor] | None:
+    import safetensors
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return None
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            ok = (f.metadata() or {}).get("fingerprint") == fingerprint
+        return load_file(str(path)) if ok else None
+    except Exception:  # a truncated file from a kill: recompute it
+        return None
+
+
+def _save_cached(path: Path, tensors: dict[str, Tensor], fingerprint: str) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata={"fingerprint": fingerprint})
+    tmp.replace(path)
+
+
+def build_candidates(
+    linears: Mapping[str, nn.Linear], specs: Sequence[QuantSpec], backend: str = "rtn",
+    stats: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
+    cache_dir: str | Path | None = None, context: str = "", progress: Progress | None = None,
+) -> Candidates:
+    """Quantize every (layer, spec) once; reuse `cache_dir` entries whose fingerprint (float
+    weight, spec, backend, `context` e.g. a digest of the calibration data) matches.
+
+    `stats` may be a callable, called only if something must be computed (resume skips it)."""
+    from smpq.ptq import BACKENDS
+
+    if backend not in BACKENDS:
+        raise SmpqError(f"unknown PTQ backend {backend!r}; known: {', '.join(BACKENDS)}")
+    start, built, loaded = time.perf_counter(), 0, 0
+    weights: dict[str, dict[str, Tensor]] = {}
+    extras: dict[str, dict[str, dict[str, Tensor]]] = {}
+    resolved: Mapping[str, Any] | None = None if callable(stats) else stats
+    total = len(linears) * len(specs)
+    for i, (name, layer) in enumerate(linears.items()):
+        w = layer.weight.detach()
+        weights[name], extras[name] = {}, {}
+        for j, spec in enumerate(specs):
+            key = spec_key(spec)
+            fp = _fingerprint(w, spec, backend, context)
+            path = Path(cache_dir) / f"{name}--{key}.safetensors" if cache_dir else None
+            tensors = _load_cached(path, fp) if path else None
+            if tensors is None:
+                if resolved is None and callable(stats):
+                    resolved = stats()
+                tensors = _quantize(w, spec, backend, (resolved or {}).get(name))
+                if path:
+                    _save_cached(path, tensors, fp)
+                built += 1
+            else:
+                loaded += 1
+            weights[name][key] = tensors.pop("weight").to(w.dtype)
+            extras[name][key] = tensors
+            if progress:
+                progress("candidates", i * len(specs) + j + 1, total)
+    return Candidates(tuple(specs), weights, extras, built, loaded, time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """Per group one score per candidate (higher is better) and what computing them cost.
+
+    `errors[layer][k]` is the raw per-layer error (lower is better; empty for uniform);
+    passes count sweeps over the calibration batches that the method itself needs."""
+
+    method: str
+    scores: tuple[np.ndarray, ...]
+    errors: dict[str, list[float]] = field(default_factory=dict)
+    seconds: float = 0.0
+    forward_passes: int = 0
+    backward_passes: int = 0
+
+
+def lm_loss(model: nn.Module, batch: Tensor) -> Tensor:
+    """Mean next-token NLL of a Hugging Face causal LM on token blocks (B, T)."""
+    return model(input_ids=batch, labels=batch, use_cache=False).loss
+
+
+def _pooled(model: nn.Module, enc: Mapping[str, Tensor]) -> Tensor:
+    out = model(**enc)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9), dim=-1)
+
+
+def contrastive_loss(model: nn.Module, batch: tuple[Mapping[str, Tensor], Mapping[str, Tensor]]
+                     ) -> Tensor:
+    """In-batch InfoNCE of (queries, documents): document i is query i's positive."""
+    q, d = _pooled(model, batch[0]), _pooled(model, batch[1])
+    logits = CONTRASTIVE_SCALE * q @ d.T
+    return F.cross_entropy(logits, torch.arange(len(logits)))
+
+
+def gradient_moments(
+    model: nn.Module, linears: Mapping[str, nn.Linear], batches: Iterable[Any], loss_fn: LossFn
+) -> tuple[dict[str, dict[str, Tensor]], int]:
+    """Mean gradient and mean squared gradient of each weight over the batches (float model).
+
+    Gradients come from torch.autograd.grad, so no `.grad` is left behind; dropout is off
+    (eval mode) and requires_grad is restored afterwards. Returns (moments, n_batches)."""
+    params = [m.weight for m in linears.values()]
+    flags = [p.requires_grad for p in params]
+    sums = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    squares = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    was_training, n = model.training, 0
+    model.eval()
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            for batch in batches:
+                grads = torch.autograd.grad(loss_fn(model, batch), params)
+                for s, q, g in zip(sums, squares, grads, strict=True):
+                    s.add_(g.double())
+                    q.add_(g.double().square())
+                n += 1
+    finally:
+        model.train(was_training)
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+    if n == 0:
+        raise SmpqError("gradient scores need at least one calibration batch")
+    return {name: {"grad": s / n, "grad_sq": q / n}
+            for name, s, q in zip(linears, sums, squares, strict=True)}, n
+
+
+def _hessian(stats: Mapping[str, Any] | None, name: str, method: str) -> Tensor:
+    h = None if stats is None else (stats.get(name) or {}).get("hessian")
+    if h is None:
+        raise SmpqError(f"{method} scores need calibration Hessians "
+                        f"(smpq.ptq.collect_input_stats); none for layer {name!r}")
+    return h
+
+
+def hessian_errors(w: Tensor, qs: Sequence[Tensor], h: Tensor) -> list[float]:
+    """tr(dW H dW^T) of each candidate weight in `qs` against the float weight `w`."""
+    h = h.double()
+    return [float(((d @ h) * d).sum()) for d in (q.double() - w.double() for q in qs)]
+
+
+def layer_errors(method: str, linears: Mapping[str, nn.Linear], candidates: Candidates, *,
+                 stats: Mapping[str, Any] | None = None,
+                 moments: Mapping[str, Mapping[str, Tensor]] | None = None
+                 ) -> dict[str, list[float]]:
+    """Per layer, per candidate (ladder order) the method's error; lower is better."""
+    out = {}
+    for name, layer in linears.items():
+        w = layer.weight.detach().double()
+        qs = [candidates.weights[name][k] for k in candidates.keys]
+        if method in ("hessian", "relerr"):
+            errs = hessian_errors(w, qs, _hessian(stats, name, method))
+            if method == "relerr":
+                base = hessian_errors(torch.zeros_like(w), [w], _hessian(stats, name, method))[0]
+                errs = [w.numel() * math.sqrt(max(e, 0.0) / max(base, 1e-30)) for e in errs]
+        elif method in ("fisher", "gradxdw"):
+            if moments is None or name not in moments:
+                raise SmpqError(f"{method} scores need gradient moments for layer {name!r}")
+            key = "grad_sq" if method == "fisher" else "grad"
+            g = moments[name][key]
+            dws = [q.double() - w for q in qs]
+            errs = [float((g * d.square()).sum()) if method == "fisher"
+                    else float((g * d).abs().sum()) for d in dws]
+        else:
+            raise SmpqError(f"unknown score method {method!r}; known: {', '.join(METHODS)}")
+        out[name] = errs
+    return out
+
+
+def group_scores(errors: Mapping[str, Sequence[float]],
+                 groups: Sequence[Sequence[str]]) -> tuple[np.ndarray, ...]:
+    """Score of (group, candidate) = -(sum of its layers' errors)."""
+    return tuple(-np.sum([np.asarray(errors[n], float) for n in g], axis=0) for g in groups)
+
+
+def uniform_choice(costs: Mapping[str, Sequence[np.ndarray]],
+                   limits: Mapping[str, float]) -> tuple[int, ...]:
+    """The highest candidate level whose uniform policy fits every limit."""
+    n_groups = len(next(iter(costs.values())))
+    n_levels = len(next(iter(costs.values()))[0])
+    for level in reversed(range(n_levels)):
+        if all(math.fsum(float(c[level]) for c in costs[m]) <= lim + 1e-9 * max(abs(lim), 1e-12)
+               for m, lim in limits.items()):
+            return (level,) * n_groups
+    raise SmpqError("budget infeasible for a uniform policy: even every group at the lowest "
+                    "candidate exceeds a limit")
+
+
+def baseline_scores(
+    method: str, linears: Mapping[str, nn.Linear], groups: Sequence[Sequence[str]],
+    candidates: Candidates, *, stats: Mapping[str, Any] | None = None,
+    moments: Mapping[str, Mapping[str, Tensor]] | None = None, n_grad_batches: int = 0,
+) -> ScoreResult:
+    """Scores of one baseline. `linears` must hold the FLOAT weights (swapper restored).
+
+    hessian/relerr need `stats` (collect_input_stats), fisher/gradxdw `moments`
+    (gradient_moments, over `n_grad_batches`). uniform's scores are the candidate ranks; its
+    allocation is `uniform_choice`, not the MILP."""
+    if method not in METHODS:
+        raise SmpqError(f"unknown score method {method!r}; known: {', '.join(METHODS)}")
+    start = time.perf_counter()
+    if method == "uniform":
+        ranks = np.arange(len(candidates.specs), dtype=float)
+        return ScoreResult(method, tuple(ranks.copy() for _ in groups))
+    errors = layer_errors(method, linears, candidates, stats=stats, moments=moments)
+    grad = method in ("fisher", "gradxdw")
+    return ScoreResult(method, group_scores(errors, groups), errors,
+                       time.perf_counter() - start,
+                       forward_passes=n_grad_batches if grad else 1,
+                       backward_passes=n_grad_batches if grad else 0)
