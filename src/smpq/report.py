@@ -11,7 +11,6 @@ from __future__ import annotations
 import html
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from io import BytesIO
 from itertools import groupby
@@ -20,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from smpq.policy import Policy, atomic_write_text
+from smpq.fileio import atomic_write_bytes, atomic_write_text
+from smpq.policy import Policy
 
 __all__ = [
     "FIGURES", "alpha_shapley_agreement", "markdown_table", "plot_alpha_vs_shapley", "plot_bits",
@@ -116,15 +116,7 @@ def _save(fig, path: PathLike) -> Path:
     path = Path(path)
     buf = BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 

@@ -8,7 +8,6 @@ parameters, biases or scalar/per-channel quantizer steps, which decay would shri
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -29,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from smpq.data import DATASETS, get_splits, make_loader
 from smpq.errors import SmpqError
+from smpq.fileio import atomic_write
 from smpq.models import MODELS, build_model, model_from_config
 
 __all__ = [
@@ -264,21 +264,6 @@ def train(
     return history
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write via a temp file in the same folder + os.replace: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def save_checkpoint(directory: str | Path, model: nn.Module, meta: dict) -> Path:
     """Write model.safetensors then meta.json ({**meta, "model": model.config}) atomically.
 
@@ -300,8 +285,8 @@ def save_checkpoint(directory: str | Path, model: nn.Module, meta: dict) -> Path
         text = json.dumps({**meta, "model": config}, indent=2, sort_keys=True)
     except (TypeError, ValueError) as exc:
         raise SmpqError(f"checkpoint meta is not JSON-serialisable: {exc}") from None
-    _atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(state, p))
-    _atomic_write(directory / META_FILE, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(state, p))
+    atomic_write(directory / META_FILE, lambda p: Path(p).write_text(text, encoding="utf-8"))
     return directory
 
 
