@@ -151,7 +151,8 @@ def test_uniform_picks_the_most_expensive_feasible_pair(task, text):
         if all(got[m] <= v * (1 + 1e-9) for m, v in lim.items()):
             rows.append((sum(got[m] / v for m, v in lim.items()), w, a))
     top = max(r[0] for r in rows)
-    want = max((r for r in rows if r[0] >= top * (1 - 1e-9)), key=lambda r: (r[1], r[2]))
+    want = max((r for r in rows if r[0] >= top * (1 - 1e-9)),
+               key=lambda r: (-abs(r[1] - r[2]), r[1], r[2]))
     res = uniform(task["model"], cost, budget, BITS, BITS, fixed)
     assert (res.info["w_bits"], res.info["a_bits"]) == want[1:]
     assert res.policy.layers[cost.names[0]] == fixed[cost.names[0]]

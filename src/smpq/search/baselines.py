@@ -67,7 +67,7 @@ def uniform(
     a_bits: Sequence[int],
     fixed: Mapping[str, LayerChoice | None] | None = None,
 ) -> StrategyResult:
-    """The most expensive uniform W/A pair within the budget (ties: more weight bits).
+    """The most expensive uniform W/A pair within the budget (ties: balanced, then more w bits).
 
     "Expensive" is the summed use of every limit (value / limit), which for one constraint
     is its metric. Pinned layers keep their choice. `model` is unused (common signature).
@@ -93,8 +93,10 @@ def uniform(
         raise SmpqError(f"budget {budget} admits no uniform pair; the cheapest, "
                         f"W{low['w']}/A{low['a']}, needs {over}")
     top = max(r["load"] for r in feasible)
+    # Among equally expensive pairs prefer the balanced one (4/4 over 8/2 at the BitOps of
+    # 4/4: far better post-training), then more weight bits.
     best = max((r for r in feasible if r["load"] >= top * (1 - TIE_TOL)),
-               key=lambda r: (r["w"], r["a"]))
+               key=lambda r: (-abs(r["w"] - r["a"]), r["w"], r["a"]))
     info = {"w_bits": best["w"], "a_bits": best["a"],
             "checks": best["checks"], "feasible_pairs": [f"{r['w']}/{r['a']}" for r in feasible]}
     return meter.result("uniform", best["policy"], info)
