@@ -33,6 +33,7 @@ from scipy import stats
 
 from smpq.allocate import count_feasible
 from smpq.apply import quantizable_layers
+from smpq.compare import finetune_config
 from smpq.cost import Budget, format_metric, trace_costs
 from smpq.data import get_splits
 from smpq.errors import SmpqError
@@ -183,7 +184,7 @@ def assess(model, policy, splits, seed, epochs, calib, cache: dict) -> dict:
     key = json.dumps(policy.bits_table(), sort_keys=True)
     if key not in cache:
         q = ptq(model, policy, calib)
-        cfg = TrainConfig(epochs=epochs, lr=1e-3, kd_weight=0.5, seed=seed)
+        cfg = finetune_config(epochs, seed)
         f = qat(model, policy, splits.train, cfg, calib)
         cache[key] = {f"{kind}_{part}": evaluate(mod, getattr(splits, part))[0]
                       for kind, mod in (("ptq", q), ("qat", f)) for part in ("val", "test")}

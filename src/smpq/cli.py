@@ -215,14 +215,15 @@ def quantize(
 
 def evaluate_policy(net, splits, mc, pol, *, qat_epochs: int = 0, seed: int = 0, label=None):
     """PTQ (and optional QAT) of one policy; returns a result row and the quantized model."""
+    from smpq.compare import finetune_config
     from smpq.pipeline import calibration_batches, ptq, qat
-    from smpq.train import TrainConfig, evaluate
+    from smpq.train import evaluate
 
     calib = calibration_batches(splits.train, seed=seed)
     if qat_epochs:
-        cfg = TrainConfig(epochs=qat_epochs, lr=1e-3, seed=seed, kd_weight=0.5)
         with progress_bar(f"QAT {label or ''}", qat_epochs) as bar:
-            qnet = qat(net, pol, splits.train, cfg, calib, progress=bar)
+            qnet = qat(net, pol, splits.train, finetune_config(qat_epochs, seed), calib,
+                       progress=bar)
     else:
         qnet = ptq(net, pol, calib)
     val_acc, _ = evaluate(qnet, splits.val)

@@ -22,7 +22,14 @@ from smpq.search.supernet_search import METHODS, SearchConfig, SearchOutcome, se
 from smpq.spec import LayerChoice, act_spec, weight_spec
 from smpq.train import TrainConfig, evaluate
 
-__all__ = ["COMPARE_METHODS", "best_uniform", "outcome_result", "policy_row", "run_method"]
+__all__ = [
+    "COMPARE_METHODS",
+    "best_uniform",
+    "finetune_config",
+    "outcome_result",
+    "policy_row",
+    "run_method",
+]
 
 COMPARE_METHODS = ("uniform", "hawq", "oat_high", "oat_low", "greedy", "random", "smpq", "dmpq")
 
@@ -47,6 +54,11 @@ def outcome_result(name: str, out: SearchOutcome) -> StrategyResult:
                           info=out.derivation.summary())
 
 
+def finetune_config(epochs: int, seed: int = 0) -> TrainConfig:
+    """The one QAT finetune every policy gets (LSQ steps, float teacher at weight 0.5)."""
+    return TrainConfig(epochs=epochs, lr=1e-3, kd_weight=0.5, seed=seed)
+
+
 def policy_row(
     model: nn.Module,
     splits: Splits,
@@ -65,8 +77,8 @@ def policy_row(
     ptq_test, _ = evaluate(q, splits.test)
     row = {"method": result.name, "ptq_val_acc": ptq_val, "ptq_test_acc": ptq_test}
     if finetune_epochs:
-        cfg = TrainConfig(epochs=finetune_epochs, lr=1e-3, kd_weight=0.5, seed=seed)
-        q = qat(model, pol, splits.train, cfg, calib, progress=progress)
+        q = qat(model, pol, splits.train, finetune_config(finetune_epochs, seed), calib,
+                progress=progress)
     row["val_acc"], _ = evaluate(q, splits.val)
     row["test_acc"], _ = evaluate(q, splits.test)
     m = cost.metrics(pol)
