@@ -35,13 +35,13 @@ import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from smpq.allocate import count_feasible  # noqa: E402
+from smpq.alloc import count_feasible  # noqa: E402
 from smpq.cost import Budget  # noqa: E402
 from smpq.errors import SmpqError  # noqa: E402
-from smpq.llm import values  # noqa: E402
-from smpq.llm.mixed import MixedConfig, choice_scores  # noqa: E402
-from smpq.llm.run import PTQSession, RunSettings  # noqa: E402
 from smpq.policy import atomic_write_text  # noqa: E402
+from smpq.transformer import values  # noqa: E402
+from smpq.transformer.mixed import MixedConfig, choice_scores  # noqa: E402
+from smpq.transformer.run import PTQSession, RunSettings  # noqa: E402
 
 log = logging.getLogger("llm_ptq")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -343,7 +343,8 @@ def markdown(result: dict) -> str:
         lines.append("")
     lines += ["## Notes", "",
               "- shapley: the ladder game (each group's players leave top-down) of "
-              "smpq.llm.mixed, v = -KL to float on the calibration blocks (MiniLM: minus the "
+              "smpq.transformer.mixed, v = -KL to float on the calibration blocks "
+              "(MiniLM: minus the "
               "embedding cosine distance on calibration docstrings), antithetic permutations, "
               "additive choice scores, exact MILP. shapley_literal: the same game averaged over "
               "all orderings (biased against middle formats, see mixed.py). shapley_pairwise: "

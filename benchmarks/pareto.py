@@ -31,16 +31,12 @@ import numpy as np
 import torch
 from scipy import stats
 
-from smpq.allocate import count_feasible
+from smpq.alloc import count_feasible
 from smpq.apply import quantizable_layers
-from smpq.compare import finetune_config
-from smpq.cost import Budget, format_metric, trace_costs
-from smpq.data import get_splits
-from smpq.errors import SmpqError
-from smpq.pipeline import calibration_batches, default_pinned, ptq, qat
-from smpq.policy import Policy, atomic_write_text
-from smpq.search import SearchConfig, search
-from smpq.search.baselines import (
+from smpq.cnn.data import get_splits
+from smpq.cnn.pipeline import calibration_batches, default_pinned, ptq, qat
+from smpq.cnn.search import SearchConfig, search
+from smpq.cnn.search.baselines import (
     HutchinsonConfig,
     PolicyTable,
     SearchSpace,
@@ -54,10 +50,14 @@ from smpq.search.baselines import (
     random_search,
     uniform,
 )
-from smpq.search.common import StrategyResult
-from smpq.search.harness import cost_tables
+from smpq.cnn.search.common import StrategyResult
+from smpq.cnn.search.harness import cost_tables
+from smpq.cnn.train import TrainConfig, evaluate, fp_checkpoint, load_checkpoint
+from smpq.compare import finetune_config
+from smpq.cost import Budget, format_metric, trace_costs
+from smpq.errors import SmpqError
+from smpq.policy import Policy, atomic_write_text
 from smpq.spec import act_spec, weight_spec
-from smpq.train import TrainConfig, evaluate, fp_checkpoint, load_checkpoint
 
 log = logging.getLogger("pareto")
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -66,18 +66,18 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from smpq.allocate import count_feasible
+from smpq.alloc import count_feasible
+from smpq.cnn.data import get_splits
+from smpq.cnn.pipeline import default_pinned
+from smpq.cnn.search.common import StrategyResult
+from smpq.cnn.search.derive import derive_budgeted
+from smpq.cnn.search.supernet_search import SearchConfig, search
+from smpq.cnn.train import TrainConfig, evaluate, fp_checkpoint, load_checkpoint
 from smpq.compare import best_uniform, policy_row
 from smpq.cost import Budget, ModelCost, trace_costs
-from smpq.data import get_splits
-from smpq.pipeline import default_pinned
 from smpq.policy import Policy
 from smpq.report import markdown_table
-from smpq.search.common import StrategyResult
-from smpq.search.derive import derive_budgeted
-from smpq.search.supernet_search import SearchConfig, search
 from smpq.spec import LayerChoice, act_spec, weight_spec
-from smpq.train import TrainConfig, evaluate, fp_checkpoint, load_checkpoint
 
 log = logging.getLogger("search_quality")
 ROOT = Path(__file__).resolve().parents[1]

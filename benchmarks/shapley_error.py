@@ -101,13 +101,13 @@ def supernet_game(seed: int = 0) -> Game:
     import torch
 
     from smpq.apply import calibrate_
-    from smpq.data import get_splits
-    from smpq.evaluate import SubsetValue, stack_dataset
-    from smpq.models import build_model
-    from smpq.pipeline import calibration_batches
+    from smpq.cnn.data import get_splits
+    from smpq.cnn.models import build_model
+    from smpq.cnn.pipeline import calibration_batches
+    from smpq.cnn.supernet import Supernet
+    from smpq.cnn.train import TrainConfig, train
+    from smpq.cnn.values import SubsetValue, stack_dataset
     from smpq.spec import act_spec, weight_spec
-    from smpq.supernet import Supernet
-    from smpq.train import TrainConfig, train
 
     torch.set_num_threads(1)
     splits = get_splits("digits")

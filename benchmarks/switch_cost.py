@@ -18,12 +18,12 @@ import numpy as np
 import torch
 
 from smpq.apply import calibrate_
-from smpq.data import get_splits
-from smpq.models import build_model
-from smpq.pipeline import calibration_batches
+from smpq.cnn.data import get_splits
+from smpq.cnn.models import build_model
+from smpq.cnn.pipeline import calibration_batches
+from smpq.cnn.supernet import Supernet
 from smpq.policy import atomic_write_text
 from smpq.spec import act_spec, weight_spec
-from smpq.supernet import Supernet
 
 OUT = Path(__file__).parent / "results"
 

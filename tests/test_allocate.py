@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smpq.allocate import (
+from smpq.alloc import (
     Allocation,
     FeasibleCount,
     allocate_bruteforce,

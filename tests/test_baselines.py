@@ -13,13 +13,10 @@ from torch import nn
 from torch.func import functional_call
 
 from smpq.apply import quantizable_layers
-from smpq.cost import Budget, trace_costs
-from smpq.data import get_splits
-from smpq.errors import SmpqError
-from smpq.models import MLP
-from smpq.pipeline import calibration_batches, default_pinned, ptq
-from smpq.policy import Policy
-from smpq.search.baselines import (
+from smpq.cnn.data import get_splits
+from smpq.cnn.models import MLP
+from smpq.cnn.pipeline import calibration_batches, default_pinned, ptq
+from smpq.cnn.search.baselines import (
     HutchinsonConfig,
     PolicyTable,
     greedy,
@@ -31,11 +28,14 @@ from smpq.search.baselines import (
     random_search,
     uniform,
 )
-from smpq.search.harness import PolicyEvaluator, SearchSpace, cost_tables
-from smpq.search.hawq import hutchinson_traces
-from smpq.search.oracle import enumerate_feasible, sample_feasible
+from smpq.cnn.search.harness import PolicyEvaluator, SearchSpace, cost_tables
+from smpq.cnn.search.hawq import hutchinson_traces
+from smpq.cnn.search.oracle import enumerate_feasible, sample_feasible
+from smpq.cnn.train import TrainConfig, evaluate, train
+from smpq.cost import Budget, trace_costs
+from smpq.errors import SmpqError
+from smpq.policy import Policy
 from smpq.spec import act_spec, weight_spec
-from smpq.train import TrainConfig, evaluate, train
 
 BITS = (2, 3, 4, 8)
 W_SPECS = [weight_spec(b) for b in BITS]

@@ -6,8 +6,8 @@ import sys
 import pytest
 
 from smpq.cli import main
-from smpq.models import build_model
-from smpq.train import save_checkpoint
+from smpq.cnn.models import build_model
+from smpq.cnn.train import save_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from smpq.data import (
+from smpq.cnn.data import (
     Splits,
     from_datasets,
     get_splits,

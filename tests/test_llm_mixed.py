@@ -1,4 +1,4 @@
-"""smpq.llm.mixed / scores / run: the progressive Shapley game, baselines and the pipeline.
+"""smpq.transformer.mixed / scores / run: the progressive Shapley game, baselines and the pipeline.
 
 Everything runs on a tiny random LlamaForCausalLM (hidden 32, 2 layers) built from a config
 and random token blocks: no download, seconds on a CPU.
@@ -19,11 +19,14 @@ from safetensors.torch import load_file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-from smpq.allocate import allocate_bruteforce  # noqa: E402
+from smpq.alloc import allocate_bruteforce  # noqa: E402
+from smpq.backends import collect_input_stats, output_error_from_inputs, rtn_quantize_weight  # noqa: E402
 from smpq.cost import Budget, ModelCost  # noqa: E402
 from smpq.errors import SmpqError  # noqa: E402
 from smpq.export import load_quantized  # noqa: E402
-from smpq.llm.mixed import (  # noqa: E402
+from smpq.policy import Policy  # noqa: E402
+from smpq.shapley import exact_shapley  # noqa: E402
+from smpq.transformer.mixed import (  # noqa: E402
     MixedConfig,
     ProgressiveGame,
     allocate_groups,
@@ -38,19 +41,16 @@ from smpq.llm.mixed import (  # noqa: E402
     parse_candidates,
     spec_key,
 )
-from smpq.llm.models import linear_layers, share_groups  # noqa: E402
-from smpq.llm.run import RunSettings, ptq_command, run_ptq  # noqa: E402
-from smpq.llm.scores import (  # noqa: E402
+from smpq.transformer.models import linear_layers, share_groups  # noqa: E402
+from smpq.transformer.run import RunSettings, ptq_command, run_ptq  # noqa: E402
+from smpq.transformer.scores import (  # noqa: E402
     baseline_scores,
     gradient_moments,
     lm_loss,
     uniform_choice,
 )
-from smpq.llm.tiny_lm import ByteTokenizer  # noqa: E402
-from smpq.llm.values import WeightSwapper, float_reference, kl_to_float  # noqa: E402
-from smpq.policy import Policy  # noqa: E402
-from smpq.ptq import collect_input_stats, output_error_from_inputs, rtn_quantize_weight  # noqa: E402
-from smpq.shapley import exact_shapley  # noqa: E402
+from smpq.transformer.tiny_lm import ByteTokenizer  # noqa: E402
+from smpq.transformer.values import WeightSwapper, float_reference, kl_to_float  # noqa: E402
 
 CANDS = "int2g32,int4g32,int8g32"
 

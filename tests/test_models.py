@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from smpq.apply import quantizable_layers
+from smpq.cnn.models import MODELS, build_model, model_from_config
 from smpq.errors import SmpqError
-from smpq.models import MODELS, build_model, model_from_config
 
 SHAPES = [("mlp", (1, 8, 8)), ("small_resnet", (1, 8, 8)), ("resnet20", (1, 8, 8))]
 

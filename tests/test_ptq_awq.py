@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from smpq.errors import SmpqError
-from smpq.ptq.awq import (
+from smpq.backends.awq import (
     AWQConfig,
     awq_quantize,
     awq_scales,
@@ -14,9 +13,10 @@ from smpq.ptq.awq import (
     gptq_quantizer,
     rtn_quantizer,
 )
-from smpq.ptq.gptq import GPTQConfig, gptq_quantize_weight
-from smpq.ptq.hessian import hessian_from_inputs, output_error, output_error_from_inputs
-from smpq.ptq.rtn import rtn_quantize_weight
+from smpq.backends.gptq import GPTQConfig, gptq_quantize_weight
+from smpq.backends.hessian import hessian_from_inputs, output_error, output_error_from_inputs
+from smpq.backends.rtn import rtn_quantize_weight
+from smpq.errors import SmpqError
 from smpq.spec import QuantSpec
 
 G32 = QuantSpec(bits=3, granularity="group", group_size=32)

@@ -6,9 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from smpq.errors import SmpqError
-from smpq.primitives import choose_qparams, int_range
-from smpq.ptq import (
+from smpq.backends import (
     BACKENDS,
     AWQConfig,
     HessianAccumulator,
@@ -21,7 +19,9 @@ from smpq.ptq import (
     output_error,
     quantize_linear_weights,
 )
-from smpq.ptq.hessian import hessian_from_inputs
+from smpq.backends.hessian import hessian_from_inputs
+from smpq.errors import SmpqError
+from smpq.primitives import choose_qparams, int_range
 from smpq.spec import QuantSpec
 
 SPEC = QuantSpec(bits=3, granularity="group", group_size=8)

@@ -7,11 +7,11 @@ from dataclasses import replace
 import pytest
 import torch
 
+from smpq.backends.gptq import GPTQConfig, gptq_quantize, gptq_quantize_weight, prepare_hessian
+from smpq.backends.hessian import hessian_from_inputs, output_error
+from smpq.backends.rtn import rtn_quantize_weight
 from smpq.errors import SmpqError
 from smpq.primitives import choose_qparams, fake_quantize, int_range, round_to_minifloat
-from smpq.ptq.gptq import GPTQConfig, gptq_quantize, gptq_quantize_weight, prepare_hessian
-from smpq.ptq.hessian import hessian_from_inputs, output_error
-from smpq.ptq.rtn import rtn_quantize_weight
 from smpq.spec import Granularity, QuantSpec
 
 SPECS = {
@@ -171,7 +171,7 @@ def test_indefinite_hessian_without_damping_is_retried(caplog) -> None:
         prepare_hessian(h)
     h[0, 0] = 1e-12
     h[0, 1] = h[1, 0] = 0.01 * h[1, 1].sqrt()  # not PSD: undamped Cholesky fails
-    with caplog.at_level("WARNING", logger="smpq.ptq.gptq"):
+    with caplog.at_level("WARNING", logger="smpq.backends.gptq"):
         prep = prepare_hessian(h, GPTQConfig(percdamp=0))
     assert prep.damp > 0 and "retrying" in caplog.text
     q = gptq_quantize_weight(w, prep, SPECS["int3_channel"])

@@ -11,18 +11,18 @@ import time
 import numpy as np
 import pytest
 
+from smpq.cnn.data import get_splits
+from smpq.cnn.models import build_model
+from smpq.cnn.pipeline import calibration_batches
+from smpq.cnn.search import SearchConfig, derive_budgeted, search
+from smpq.cnn.supernet import Supernet
+from smpq.cnn.train import TrainConfig, save_checkpoint, train
+from smpq.cnn.values import SubsetValue, stack_dataset
 from smpq.cost import Budget, trace_costs
-from smpq.data import get_splits
 from smpq.errors import SmpqError
-from smpq.evaluate import SubsetValue, stack_dataset
-from smpq.models import build_model
-from smpq.pipeline import calibration_batches
 from smpq.policy import Policy
-from smpq.search import SearchConfig, derive_budgeted, search
 from smpq.shapley import ShapleyConfig, exact_shapley, permutation_shapley
 from smpq.spec import LayerChoice, act_spec, weight_spec
-from smpq.supernet import Supernet
-from smpq.train import TrainConfig, save_checkpoint, train
 
 FAST = dict(epochs=2, permutations=2, w_bits=(2, 4), a_bits=(4, 8), val_samples=120,
             batch_size=128)

@@ -11,11 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import TensorDataset
 
-import smpq.train as train_mod
-from smpq.data import Splits, load_digits_splits
-from smpq.errors import SmpqError
-from smpq.models import build_model
-from smpq.train import (
+import smpq.cnn.train as train_mod
+from smpq.cnn.data import Splits, load_digits_splits
+from smpq.cnn.models import build_model
+from smpq.cnn.train import (
     TrainConfig,
     distillation_loss,
     evaluate,
@@ -24,6 +23,7 @@ from smpq.train import (
     save_checkpoint,
     train,
 )
+from smpq.errors import SmpqError
 
 
 @pytest.fixture(scope="module")

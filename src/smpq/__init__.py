@@ -5,12 +5,12 @@ Importing does no work beyond importing torch.
 """
 
 from smpq.apply import calibrate_, dequantize_, quantizable_layers, quantize_, supernet_
+from smpq.cnn.pipeline import calibration_batches, default_pinned, ptq, qat
+from smpq.cnn.supernet import Supernet
 from smpq.cost import Budget, ModelCost, trace_costs
 from smpq.errors import SmpqError
-from smpq.pipeline import calibration_batches, default_pinned, ptq, qat
 from smpq.policy import Policy
 from smpq.spec import LayerChoice, QuantSpec, act_spec, weight_spec
-from smpq.supernet import Supernet
 
 __all__ = [
     "Budget",

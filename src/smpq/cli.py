@@ -75,8 +75,8 @@ def progress_bar(description: str, total: int):
 def fp_model(data: str, model: str, checkpoint: Path | None, cache: Path,
              data_dir: str | None = None, epochs: int | None = None, seed: int = 0):
     """(float model, splits, meta): from a checkpoint, or trained once and cached."""
-    from smpq.data import get_splits
-    from smpq.train import TrainConfig, fp_checkpoint, load_checkpoint
+    from smpq.cnn.data import get_splits
+    from smpq.cnn.train import TrainConfig, fp_checkpoint, load_checkpoint
 
     if checkpoint is None:
         cfg = TrainConfig(seed=seed) if epochs is None else TrainConfig(epochs=epochs, seed=seed)
@@ -88,7 +88,7 @@ def fp_model(data: str, model: str, checkpoint: Path | None, cache: Path,
 
 
 def _policy_from_args(names, policy: Path | None, uniform: str | None, pin: bool):
-    from smpq.pipeline import default_pinned
+    from smpq.cnn.pipeline import default_pinned
     from smpq.policy import Policy
     from smpq.spec import parse_bits_pair
 
@@ -129,10 +129,10 @@ def train(
     data_dir: str = DataDirOpt, seed: int = SeedOpt,
 ) -> None:
     """Train a float model and save it (safetensors + meta.json)."""
-    from smpq.data import get_splits
-    from smpq.models import build_model
-    from smpq.train import TrainConfig, evaluate, save_checkpoint
-    from smpq.train import train as train_loop
+    from smpq.cnn.data import get_splits
+    from smpq.cnn.models import build_model
+    from smpq.cnn.train import TrainConfig, evaluate, save_checkpoint
+    from smpq.cnn.train import train as train_loop
 
     splits = get_splits(data, data_dir)
     cfg = TrainConfig(epochs=epochs, seed=seed)
@@ -178,7 +178,7 @@ def cost(
     for m, v in mc.metrics(pol).items():
         console.print(f"{m:>9}: {format_metric(m, v)}")
     if budget:
-        from smpq.pipeline import default_pinned
+        from smpq.cnn.pipeline import default_pinned
 
         pinned = default_pinned(mc.names) if pin else None
         rows = Budget.parse(budget).check(mc, pol, pinned)
@@ -204,8 +204,8 @@ def quantize(
     row, qnet = evaluate_policy(net, splits, mc, pol, qat_epochs=qat_epochs, seed=seed)
     console.print(_table("result", [row], list(row)))
     if out is not None:
+        from smpq.cnn.train import save_checkpoint
         from smpq.policy import atomic_write_text
-        from smpq.train import save_checkpoint
 
         pol.save(out / "policy.json")
         atomic_write_text(out / "metrics.json", json.dumps(row, indent=2) + "\n")
@@ -215,9 +215,9 @@ def quantize(
 
 def evaluate_policy(net, splits, mc, pol, *, qat_epochs: int = 0, seed: int = 0, label=None):
     """PTQ (and optional QAT) of one policy; returns a result row and the quantized model."""
+    from smpq.cnn.pipeline import calibration_batches, ptq, qat
+    from smpq.cnn.train import evaluate
     from smpq.compare import finetune_config
-    from smpq.pipeline import calibration_batches, ptq, qat
-    from smpq.train import evaluate
 
     calib = calibration_batches(splits.train, seed=seed)
     if qat_epochs:
@@ -240,7 +240,7 @@ SEARCH_HELP = "Search epochs (the first half trains weights only)."
 
 def _search_config(method, epochs, permutations, truncation, antithetic, value, derive,
                    renormalise, w_bits, a_bits, seed, val_samples=None):
-    from smpq.search import SearchConfig
+    from smpq.cnn.search import SearchConfig
 
     def bits(text: str) -> tuple[int, ...]:
         try:
@@ -278,10 +278,10 @@ def search(
     seed: int = SeedOpt,
 ) -> None:
     """Search a mixed-precision policy under a budget (SMPQ or DMPQ), finetune, report."""
+    from smpq.cnn.pipeline import default_pinned
+    from smpq.cnn.search import search as run_search
     from smpq.compare import best_uniform, outcome_result, policy_row
     from smpq.cost import Budget, trace_costs
-    from smpq.pipeline import default_pinned
-    from smpq.search import search as run_search
 
     cfg = _search_config(method, epochs, permutations, truncation, antithetic, value, derive,
                          renormalise, w_bits, a_bits, seed)
@@ -346,9 +346,9 @@ def compare(
     seed: int = SeedOpt,
 ) -> None:
     """Every allocation method side by side on your model and data at one budget."""
+    from smpq.cnn.pipeline import default_pinned
     from smpq.compare import COMPARE_METHODS, policy_row, run_method
     from smpq.cost import Budget, trace_costs
-    from smpq.pipeline import default_pinned
     from smpq.policy import atomic_write_text
     from smpq.report import plot_tradeoff
 
@@ -391,11 +391,11 @@ def run(
     seed: int = SeedOpt,
 ) -> None:
     """The main job: float model (cached), SMPQ and DMPQ at one budget vs uniform."""
+    from smpq.cnn.pipeline import default_pinned
+    from smpq.cnn.train import evaluate
     from smpq.compare import policy_row, run_method
     from smpq.cost import Budget, trace_costs
-    from smpq.pipeline import default_pinned
     from smpq.policy import Policy, atomic_write_text
-    from smpq.train import evaluate
 
     bud = Budget.parse(budget)
     net, splits, meta = fp_model(data, model, None, cache, seed=seed)
@@ -463,7 +463,7 @@ def ptq(
     seed: int = SeedOpt,
 ) -> None:
     """Post-training mixed precision for a transformer's linear layers (weight-only)."""
-    from smpq.llm.run import ptq_command
+    from smpq.transformer.run import ptq_command
 
     console.print(ptq_command(model=model, budget=budget, backend=backend, method=method,
                               out=str(out), resume=resume, seed=seed, candidates=candidates))

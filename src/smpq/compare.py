@@ -11,16 +11,16 @@ from dataclasses import replace
 
 from torch import nn
 
+from smpq.cnn.data import Splits
+from smpq.cnn.pipeline import calibration_batches, ptq, qat
+from smpq.cnn.search.baselines import uniform
+from smpq.cnn.search.common import StrategyResult
+from smpq.cnn.search.supernet_search import METHODS, SearchConfig, SearchOutcome, search
+from smpq.cnn.train import TrainConfig, evaluate
 from smpq.cost import Budget, ModelCost
-from smpq.data import Splits
 from smpq.errors import SmpqError
-from smpq.pipeline import calibration_batches, ptq, qat
 from smpq.policy import Policy
-from smpq.search.baselines import uniform
-from smpq.search.common import StrategyResult
-from smpq.search.supernet_search import METHODS, SearchConfig, SearchOutcome, search
 from smpq.spec import LayerChoice, act_spec, weight_spec
-from smpq.train import TrainConfig, evaluate
 
 __all__ = [
     "COMPARE_METHODS",
@@ -109,7 +109,7 @@ def run_method(
     if method not in COMPARE_METHODS:
         raise SmpqError(f"unknown method {method!r}; known: {', '.join(COMPARE_METHODS)}")
     if method not in METHODS:
-        from smpq.search import baselines as b
+        from smpq.cnn.search import baselines as b
 
         w_specs = [weight_spec(x) for x in cfg.w_bits]
         a_specs = [act_spec(x) for x in cfg.a_bits]

@@ -30,11 +30,9 @@ import numpy as np
 from torch import nn
 from torch.utils.data import Dataset
 
-from smpq.cost import Budget, ModelCost
-from smpq.errors import SmpqError
-from smpq.search.common import StrategyResult
-from smpq.search.derive import derive_budgeted
-from smpq.search.harness import (
+from smpq.cnn.search.common import StrategyResult
+from smpq.cnn.search.derive import derive_budgeted
+from smpq.cnn.search.harness import (
     Choice,
     CostTables,
     Meter,
@@ -43,6 +41,8 @@ from smpq.search.harness import (
     SearchSpace,
     cost_tables,
 )
+from smpq.cost import Budget, ModelCost
+from smpq.errors import SmpqError
 from smpq.spec import LayerChoice, QuantSpec
 
 __all__ = ["GREEDY_MODES", "REFERENCES", "Sensitivity", "greedy", "oat_sensitivity",

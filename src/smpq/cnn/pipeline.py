@@ -71,7 +71,7 @@ def qat(
 
     With `distill` the float model is the teacher (cfg.kd_weight sets the mix).
     """
-    from smpq.train import train  # heavy loop; imported where used
+    from smpq.cnn.train import train  # heavy loop; imported where used
 
     qmodel = ptq(model, policy, calib, learnable=True)
     teacher = copy.deepcopy(model).eval() if distill else None

@@ -3,7 +3,7 @@
     load -> data -> float references -> calibration stats -> candidate weights (cached) ->
     scores (Shapley progressive game or a baseline) -> exact allocation -> evaluation -> files
 
-Data protocol (fixed, disjoint by file, see smpq.llm.data):
+Data protocol (fixed, disjoint by file, see smpq.transformer.data):
 
 | model     | calibration: scores, Hessians, game | validation: search objective | test: final |
 |-----------|--------------------------------------|------------------------------|-------------|
@@ -35,10 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from smpq.allocate import Allocation
+from smpq.alloc import Allocation
 from smpq.cost import Budget, ModelCost
 from smpq.errors import SmpqError
-from smpq.llm.mixed import (
+from smpq.policy import atomic_write_text
+from smpq.shapley import ShapleyResult
+from smpq.transformer.mixed import (
     DEFAULT_CANDIDATES,
     MixedConfig,
     ProgressiveGame,
@@ -54,7 +56,7 @@ from smpq.llm.mixed import (
     parse_candidates,
     spec_key,
 )
-from smpq.llm.scores import (
+from smpq.transformer.scores import (
     METHODS,
     baseline_scores,
     contrastive_loss,
@@ -62,8 +64,6 @@ from smpq.llm.scores import (
     lm_loss,
     uniform_choice,
 )
-from smpq.policy import atomic_write_text
-from smpq.shapley import ShapleyResult
 
 __all__ = ["ALL_METHODS", "PTQSession", "RunSettings", "ptq_command", "run_ptq"]
 
@@ -102,8 +102,8 @@ def _digest(*tensors: torch.Tensor) -> str:
 
 
 def _load(model: str, cache_dir: str) -> tuple[torch.nn.Module, Any, str]:
-    from smpq.llm.models import load_local, load_minilm
-    from smpq.llm.tiny_lm import default_tiny_lm
+    from smpq.transformer.models import load_local, load_minilm
+    from smpq.transformer.tiny_lm import default_tiny_lm
 
     if model == "minilm":
         m, tok = load_minilm()
@@ -139,8 +139,8 @@ class PTQSession:
                  candidates: str | list = DEFAULT_CANDIDATES,
                  settings: RunSettings = RunSettings(), out: str | Path | None = None,
                  progress: Progress | None = None) -> None:
-        from smpq.llm.models import arch_of, linear_layers, share_groups
-        from smpq.ptq import BACKENDS
+        from smpq.backends import BACKENDS
+        from smpq.transformer.models import arch_of, linear_layers, share_groups
 
         if backend not in BACKENDS:
             raise SmpqError(f"unknown PTQ backend {backend!r}; known: {', '.join(BACKENDS)}")
@@ -164,7 +164,7 @@ class PTQSession:
 
     def prepare(self) -> PTQSession:
         """Quantize (or load from the cache) every candidate weight; needed before scoring."""
-        from smpq.llm.values import WeightSwapper
+        from smpq.transformer.values import WeightSwapper
 
         if self.candidates is None:
             context = self.calib_digest if self.backend in STATS_BACKENDS else ""
@@ -183,8 +183,8 @@ class PTQSession:
 
     # -- data and values ----------------------------------------------------------------
     def _data(self) -> None:
-        from smpq.llm import values
-        from smpq.llm.data import docstring_pairs, stdlib_corpus, token_blocks
+        from smpq.transformer import values
+        from smpq.transformer.data import docstring_pairs, stdlib_corpus, token_blocks
 
         s, m, bs = self.settings, self.model, self.settings.batch_size
         if self.kind == "causal_lm":
@@ -217,7 +217,7 @@ class PTQSession:
 
     def value(self, split: str = "calib") -> float:
         """Higher is better: -KL(float || model) for LMs, -(1 - embedding cosine) encoders."""
-        from smpq.llm import values
+        from smpq.transformer import values
 
         if self.kind == "causal_lm":
             return -values.kl_to_float(self.model, self.refs[split])
@@ -226,7 +226,7 @@ class PTQSession:
     def stats(self) -> dict:
         """Calibration Hessians and activation means (collected once, timed)."""
         if self._stats is None:
-            from smpq.ptq import collect_input_stats
+            from smpq.backends import collect_input_stats
 
             self.progress("stats", 0, 1)
             start = time.perf_counter()
@@ -311,7 +311,7 @@ class PTQSession:
 
     def evaluate(self, choice: tuple[int, ...]) -> dict[str, float]:
         """Validation (search objective) and test metrics of one group choice."""
-        from smpq.llm import values
+        from smpq.transformer import values
 
         keys = self.candidates.keys
         with self.swapper.applied({n: keys[k] for g, k in zip(self.groups, choice, strict=True)
@@ -330,7 +330,7 @@ class PTQSession:
         if self.kind == "causal_lm":
             return {"test_perplexity": self.refs["test"].perplexity}
         self.swapper.restore()
-        from smpq.llm import values
+        from smpq.transformer import values
 
         return values.retrieval_report(self.model, self.retrieval, self._k)
 

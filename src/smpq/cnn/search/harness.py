@@ -24,13 +24,13 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from smpq.apply import calibrate_
+from smpq.cnn.search.common import StrategyResult
+from smpq.cnn.supernet import Supernet
+from smpq.cnn.values import PolicyValue, stack_dataset
 from smpq.cost import METRICS, Budget, ModelCost
 from smpq.errors import SmpqError
-from smpq.evaluate import PolicyValue, stack_dataset
 from smpq.policy import Policy
-from smpq.search.common import StrategyResult
 from smpq.spec import LayerChoice, QuantSpec
-from smpq.supernet import Supernet
 
 __all__ = [
     "Choice",
@@ -189,7 +189,7 @@ class PolicyEvaluator:
         calib: Sequence[Tensor] | None = None,
         seed: int = 0,
     ):
-        from smpq.pipeline import calibration_batches  # downstream module: import where used
+        from smpq.cnn.pipeline import calibration_batches  # downstream module: import where used
 
         work = copy.deepcopy(model).eval()
         fixed = Policy(space.fixed) if space.fixed else None

@@ -110,7 +110,7 @@ def _resolve_kind(kind: str, cfg: dict) -> str:
 
 def _load_tokenizer(folder: Path, transformers: Any) -> Any:
     """The folder's tokenizer: our byte tokenizer spec, an HF tokenizer, or None if absent."""
-    from smpq.llm.tiny_lm import TOKENIZER_FILE, ByteTokenizer
+    from smpq.transformer.tiny_lm import TOKENIZER_FILE, ByteTokenizer
 
     if (folder / TOKENIZER_FILE).is_file():
         return ByteTokenizer.load(folder)
@@ -195,7 +195,7 @@ def linear_layers(
     if conv:
         raise SmpqError(
             f"model has {len(conv)} GPT-2 Conv1D layers (e.g. {conv[0]!r}); "
-            "convert them with smpq.llm.convert_conv1d_(model) first"
+            "convert them with smpq.transformer.convert_conv1d_(model) first"
         )
     return {
         name: mod

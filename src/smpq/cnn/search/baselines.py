@@ -11,7 +11,7 @@
 | `interaction_analysis` | interactions | least-squares fits on the oracle's table   |
 
 All of them keep pinned layers (`fixed`) at their choice and take budgets relative to the
-pinned reference, as `smpq.search.search` does.
+pinned reference, as `smpq.cnn.search.search` does.
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ from collections.abc import Mapping, Sequence
 
 from torch import nn
 
+from smpq.cnn.search.common import StrategyResult
+from smpq.cnn.search.harness import Meter, PolicyEvaluator, SearchSpace
+from smpq.cnn.search.hawq import HawqSensitivity, HutchinsonConfig, hawq, hawq_sensitivity
+from smpq.cnn.search.interactions import InteractionReport, interaction_analysis
+from smpq.cnn.search.oracle import PolicyTable, oracle, random_search
+from smpq.cnn.search.sensitivity import Sensitivity, greedy, oat_sensitivity, one_at_a_time
 from smpq.cost import Budget, ModelCost, format_metric
 from smpq.errors import SmpqError
 from smpq.policy import Policy
-from smpq.search.common import StrategyResult
-from smpq.search.harness import Meter, PolicyEvaluator, SearchSpace
-from smpq.search.hawq import HawqSensitivity, HutchinsonConfig, hawq, hawq_sensitivity
-from smpq.search.interactions import InteractionReport, interaction_analysis
-from smpq.search.oracle import PolicyTable, oracle, random_search
-from smpq.search.sensitivity import Sensitivity, greedy, oat_sensitivity, one_at_a_time
 from smpq.spec import LayerChoice
 
 __all__ = [

@@ -23,10 +23,10 @@ import numpy as np
 from torch import nn
 from torch.utils.data import Dataset
 
+from smpq.cnn.search.common import StrategyResult
+from smpq.cnn.search.harness import CostTables, Meter, PolicyEvaluator, SearchSpace, cost_tables
 from smpq.cost import Budget, ModelCost
 from smpq.errors import SmpqError
-from smpq.search.common import StrategyResult
-from smpq.search.harness import CostTables, Meter, PolicyEvaluator, SearchSpace, cost_tables
 from smpq.spec import LayerChoice, QuantSpec
 
 __all__ = ["MAX_ENUMERATE", "MAX_ORACLE_POLICIES", "PolicyTable", "enumerate_feasible",

@@ -11,7 +11,7 @@
 transformers is imported only inside functions that need it (extra: pip install 'smpq[llm]').
 """
 
-from smpq.llm.data import (
+from smpq.transformer.data import (
     SPLITS,
     RetrievalTask,
     corpus_summary,
@@ -21,7 +21,7 @@ from smpq.llm.data import (
     stdlib_files,
     token_blocks,
 )
-from smpq.llm.models import (
+from smpq.transformer.models import (
     DEFAULT_EXCLUDE,
     arch_of,
     convert_conv1d_,
@@ -31,14 +31,14 @@ from smpq.llm.models import (
     minilm_path,
     share_groups,
 )
-from smpq.llm.tiny_lm import (
+from smpq.transformer.tiny_lm import (
     ByteTokenizer,
     TinyLMConfig,
     build_tiny_lm,
     default_tiny_lm,
     train_tiny_lm,
 )
-from smpq.llm.values import (
+from smpq.transformer.values import (
     EncoderReference,
     FloatReference,
     RetrievalReference,

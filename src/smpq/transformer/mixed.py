@@ -3,8 +3,8 @@
 Units are share groups (`share_groups`: fused q/k/v and gate/up decide one format together);
 candidates c_0 < ... < c_{K-1} are weight QuantSpecs ordered by weight bits (ties keep the
 given order). Candidate weights (each (layer, candidate) quantized ONCE by the backend and
-cached as safetensors under `<out>/cache/candidates/`) live in `smpq.llm.scores`, shared with
-the baselines, and are re-exported here.
+cached as safetensors under `<out>/cache/candidates/`) live in `smpq.transformer.scores`,
+shared with the baselines, and are re-exported here.
 
 The game, our reading of CoopQ's progressive game (Zhao et al. 2025) extended to K formats:
 
@@ -62,19 +62,19 @@ import numpy as np
 from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from smpq.allocate import Allocation, allocate_milp
+from smpq.alloc import Allocation, allocate_milp
 from smpq.cost import ModelCost
 from smpq.errors import SmpqError
-from smpq.llm.scores import (
+from smpq.policy import Policy, atomic_write_text
+from smpq.shapley import Z95, SamplerState, ShapleyConfig, ShapleyResult, permutation_shapley
+from smpq.spec import LayerChoice, QuantSpec
+from smpq.transformer.scores import (
     DEFAULT_CANDIDATES,
     Candidates,
     build_candidates,
     parse_candidates,
     spec_key,
 )
-from smpq.policy import Policy, atomic_write_text
-from smpq.shapley import Z95, SamplerState, ShapleyConfig, ShapleyResult, permutation_shapley
-from smpq.spec import LayerChoice, QuantSpec
 
 __all__ = [
     "DEFAULT_CANDIDATES", "STATE_VERSION", "Candidates", "MixedConfig", "ProgressiveGame",

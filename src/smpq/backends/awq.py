@@ -29,15 +29,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from smpq.errors import SmpqError
-from smpq.ptq.gptq import GPTQConfig, gptq_quantize_weight
-from smpq.ptq.hessian import (
+from smpq.backends.gptq import GPTQConfig, gptq_quantize_weight
+from smpq.backends.hessian import (
     hessian_from_inputs,
     output_error,
     output_error_from_inputs,
     require_stat,
 )
-from smpq.ptq.rtn import rtn_quantize_weight
+from smpq.backends.rtn import rtn_quantize_weight
+from smpq.errors import SmpqError
 from smpq.spec import QuantSpec
 
 __all__ = [

@@ -8,7 +8,7 @@ Trained models are cached under <cache_dir>/lm/<key>/ where key hashes the confi
 training texts' content and TINY_LM_VERSION: a cached copy is never retrained. The folder is a
 standard Hugging Face folder (config.json + model.safetensors) plus tokenizer_spec.json and
 meta.json (written last; its presence marks a complete entry). Load it with
-`smpq.llm.load_local(folder)`.
+`smpq.transformer.load_local(folder)`.
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ class TinyLMConfig:
 
 def build_tiny_lm(cfg: TinyLMConfig, seed: int | None = None) -> nn.Module:
     """A randomly initialised LlamaForCausalLM of cfg's shape (untied head, byte vocab)."""
-    from smpq.llm.models import require_transformers
+    from smpq.transformer.models import require_transformers
 
     tf = require_transformers()
     tok = ByteTokenizer()
@@ -284,8 +284,8 @@ def _train_loop(
 
 
 def _heldout(model: nn.Module, texts: Sequence[str], cfg: TinyLMConfig) -> dict[str, Any]:
-    from smpq.llm.data import token_blocks
-    from smpq.llm.values import nll
+    from smpq.transformer.data import token_blocks
+    from smpq.transformer.values import nll
 
     blocks = token_blocks(texts, ByteTokenizer(), block=cfg.context, n_blocks=256)
     loss = nll(model, blocks)
@@ -369,7 +369,7 @@ def default_tiny_lm(
     progress: Progress | None = None,
 ) -> Path:
     """The project's tiny LM: trained on the stdlib "train" split, held out on "test"."""
-    from smpq.llm.data import stdlib_corpus
+    from smpq.transformer.data import stdlib_corpus
 
     corpus = stdlib_corpus()
     return train_tiny_lm(cfg, corpus["train"], cache_dir, heldout=corpus["test"], progress=progress)

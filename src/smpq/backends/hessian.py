@@ -247,7 +247,7 @@ def require_stat(stats: Mapping[str, Any] | None, key: str, user: str) -> Tensor
     if value is None:
         raise SmpqError(
             f"{user} needs calibration statistic {key!r}; "
-            "collect it with smpq.ptq.collect_input_stats(model, layers, batches)"
+            "collect it with smpq.backends.collect_input_stats(model, layers, batches)"
         )
     if not isinstance(value, Tensor) or not math.prod(value.shape):
         raise SmpqError(f"calibration statistic {key!r} must be a non-empty tensor")

@@ -24,11 +24,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from smpq.backends.awq import AWQConfig, WeightQuantizer, awq_then, gptq_quantizer, rtn_quantizer
+from smpq.backends.gptq import GPTQConfig, gptq_quantize_weight
+from smpq.backends.hessian import linear_layer, require_stat
+from smpq.backends.rtn import rtn_quantize_weight
 from smpq.errors import SmpqError
-from smpq.ptq.awq import AWQConfig, WeightQuantizer, awq_then, gptq_quantizer, rtn_quantizer
-from smpq.ptq.gptq import GPTQConfig, gptq_quantize_weight
-from smpq.ptq.hessian import linear_layer, require_stat
-from smpq.ptq.rtn import rtn_quantize_weight
 from smpq.spec import QuantSpec
 
 __all__ = [

@@ -22,8 +22,8 @@ from itertools import combinations
 import numpy as np
 from scipy import sparse
 
+from smpq.cnn.search.oracle import PolicyTable
 from smpq.errors import SmpqError
-from smpq.search.oracle import PolicyTable
 
 __all__ = ["FitReport", "InteractionReport", "design_matrix", "interaction_analysis"]
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from smpq.allocate import Allocation, allocate_milp
+from smpq.alloc import Allocation, allocate_milp
 from smpq.cost import Budget, ModelCost
 from smpq.errors import SmpqError
 from smpq.policy import Policy

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from smpq.cnn.supernet import Supernet
 from smpq.errors import SmpqError
-from smpq.supernet import Supernet
 
 __all__ = ["VALUE_METRICS", "SubsetValue", "stack_dataset"]
 

@@ -129,7 +129,7 @@ def _fingerprint(w: Tensor, spec: QuantSpec, backend: str, context: str) -> str:
 
 
 def _quantize(w: Tensor, spec: QuantSpec, backend: str, stats: Mapping | None) -> dict[str, Tensor]:
-    from smpq.ptq import get_backend, gptq_quantize, require_stat
+    from smpq.backends import get_backend, gptq_quantize, require_stat
 
     if backend == "gptq":  # keep GPTQ's scales: its weights are not on RTN's grid
         res = gptq_quantize(w, require_stat(stats, "hessian", "GPTQ"), spec)
@@ -171,7 +171,7 @@ def build_candidates(
     weight, spec, backend, `context` e.g. a digest of the calibration data) matches.
 
     `stats` may be a callable, called only if something must be computed (resume skips it)."""
-    from smpq.ptq import BACKENDS
+    from smpq.backends import BACKENDS
 
     if backend not in BACKENDS:
         raise SmpqError(f"unknown PTQ backend {backend!r}; known: {', '.join(BACKENDS)}")
@@ -279,7 +279,7 @@ def _hessian(stats: Mapping[str, Any] | None, name: str, method: str) -> Tensor:
     h = None if stats is None else (stats.get(name) or {}).get("hessian")
     if h is None:
         raise SmpqError(f"{method} scores need calibration Hessians "
-                        f"(smpq.ptq.collect_input_stats); none for layer {name!r}")
+                        f"(smpq.backends.collect_input_stats); none for layer {name!r}")
     return h
 
 

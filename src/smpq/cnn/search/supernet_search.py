@@ -40,14 +40,14 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from smpq.apply import calibrate_, quantizable_layers
+from smpq.cnn.search.derive import Derivation, argmax_within_budget, derive_budgeted
+from smpq.cnn.supernet import Supernet
+from smpq.cnn.values import SubsetValue, stack_dataset
 from smpq.cost import Budget, ModelCost
 from smpq.errors import SmpqError
-from smpq.evaluate import SubsetValue, stack_dataset
 from smpq.policy import Policy, atomic_write_text
-from smpq.search.derive import Derivation, argmax_within_budget, derive_budgeted
 from smpq.shapley import ShapleyConfig, conservative, permutation_shapley, standardise
 from smpq.spec import LayerChoice, act_spec, weight_spec
-from smpq.supernet import Supernet
 
 __all__ = ["METHODS", "SearchConfig", "SearchOutcome", "search"]
 
@@ -167,7 +167,7 @@ def _expected_bitops(net: Supernet, cost: ModelCost) -> Tensor:
 
 
 def _loader(ds: Dataset, batch_size: int, seed: int, epoch: int):
-    from smpq.data import make_loader
+    from smpq.cnn.data import make_loader
 
     return make_loader(ds, batch_size, shuffle=True, seed=seed * 10_007 + epoch)
 
@@ -280,7 +280,7 @@ def search(
     net = Supernet(work, w_specs, a_specs, layers=names, fixed=fixed_policy, empty=cfg.empty,
                    renormalise=cfg.renormalise)
     if calib is None:
-        from smpq.pipeline import calibration_batches
+        from smpq.cnn.pipeline import calibration_batches
 
         calib = calibration_batches(train_set, seed=cfg.seed)
     calibrate_(work, calib)

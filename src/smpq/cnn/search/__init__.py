@@ -1,6 +1,6 @@
 """Search strategies: from a model, data and a budget to a mixed-precision policy."""
 
-from smpq.search.baselines import (
+from smpq.cnn.search.baselines import (
     greedy,
     hawq,
     interaction_analysis,
@@ -9,9 +9,9 @@ from smpq.search.baselines import (
     random_search,
     uniform,
 )
-from smpq.search.common import StrategyResult
-from smpq.search.derive import Derivation, derive_argmax, derive_budgeted
-from smpq.search.supernet_search import METHODS, SearchConfig, SearchOutcome, search
+from smpq.cnn.search.common import StrategyResult
+from smpq.cnn.search.derive import Derivation, derive_argmax, derive_budgeted
+from smpq.cnn.search.supernet_search import METHODS, SearchConfig, SearchOutcome, search
 
 __all__ = [
     "METHODS",

@@ -26,10 +26,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from smpq.data import DATASETS, get_splits, make_loader
+from smpq.cnn.data import DATASETS, get_splits, make_loader
+from smpq.cnn.models import MODELS, build_model, model_from_config
 from smpq.errors import SmpqError
 from smpq.fileio import atomic_write
-from smpq.models import MODELS, build_model, model_from_config
 
 __all__ = [
     "CODE_VERSION",
@@ -271,7 +271,7 @@ def save_checkpoint(directory: str | Path, model: nn.Module, meta: dict) -> Path
     """
     config = getattr(model, "config", None)
     if not isinstance(config, dict) or "name" not in config:
-        raise SmpqError("model has no `config`; build it with smpq.models.build_model")
+        raise SmpqError("model has no `config`; build it with smpq.cnn.models.build_model")
     if "model" in meta:
         raise SmpqError("meta key 'model' is reserved for the model config")
     directory = Path(directory)

@@ -5,7 +5,7 @@ activation means) -> a backend from `BACKENDS` per layer and format -> fake-quan
 (`quantize_linear_weights`), which the caller may load into a copy of the model.
 """
 
-from smpq.ptq.awq import (
+from smpq.backends.awq import (
     AWQConfig,
     AWQResult,
     WeightQuantizer,
@@ -15,7 +15,7 @@ from smpq.ptq.awq import (
     gptq_quantizer,
     rtn_quantizer,
 )
-from smpq.ptq.backends import (
+from smpq.backends.backends import (
     BACKENDS,
     Backend,
     awq_gptq_backend,
@@ -25,7 +25,7 @@ from smpq.ptq.backends import (
     quantize_linear_weights,
     rtn_backend,
 )
-from smpq.ptq.gptq import (
+from smpq.backends.gptq import (
     GPTQConfig,
     GPTQResult,
     PreparedHessian,
@@ -33,7 +33,7 @@ from smpq.ptq.gptq import (
     gptq_quantize_weight,
     prepare_hessian,
 )
-from smpq.ptq.hessian import (
+from smpq.backends.hessian import (
     AbsMeanAccumulator,
     HessianAccumulator,
     collect_hessians,
@@ -46,7 +46,7 @@ from smpq.ptq.hessian import (
     require_stat,
     run_batches,
 )
-from smpq.ptq.rtn import rtn_quantize_weight
+from smpq.backends.rtn import rtn_quantize_weight
 
 __all__ = [
     "AWQConfig",

@@ -37,13 +37,13 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from smpq.apply import quantizable_layers
+from smpq.cnn.search.common import StrategyResult
+from smpq.cnn.search.derive import derive_budgeted
+from smpq.cnn.search.harness import Meter, SearchCost, SearchSpace, labelled_batches
 from smpq.cost import Budget, ModelCost
 from smpq.errors import SmpqError
 from smpq.observers import ActQuantizer
 from smpq.primitives import fake_quantize
-from smpq.search.common import StrategyResult
-from smpq.search.derive import derive_budgeted
-from smpq.search.harness import Meter, SearchCost, SearchSpace, labelled_batches
 from smpq.spec import LayerChoice, QuantSpec
 
 __all__ = ["HawqSensitivity", "HutchinsonConfig", "TraceEstimate", "hawq", "hawq_sensitivity",

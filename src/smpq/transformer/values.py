@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smpq.errors import SmpqError
-from smpq.llm.data import RetrievalTask
+from smpq.transformer.data import RetrievalTask
 
 __all__ = [
     "DEFAULT_TOP_K",
