@@ -38,7 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from smpq.alloc import count_feasible  # noqa: E402
 from smpq.cost import Budget  # noqa: E402
 from smpq.errors import SmpqError  # noqa: E402
-from smpq.policy import atomic_write_text  # noqa: E402
+from smpq.fileio import atomic_write_text  # noqa: E402
 from smpq.transformer import values  # noqa: E402
 from smpq.transformer.mixed import MixedConfig, choice_scores  # noqa: E402
 from smpq.transformer.run import PTQSession, RunSettings  # noqa: E402

@@ -56,7 +56,8 @@ from smpq.cnn.train import TrainConfig, evaluate, fp_checkpoint, load_checkpoint
 from smpq.compare import finetune_config
 from smpq.cost import Budget, format_metric, trace_costs
 from smpq.errors import SmpqError
-from smpq.policy import Policy, atomic_write_text
+from smpq.fileio import atomic_write_text
+from smpq.policy import Policy
 from smpq.spec import act_spec, weight_spec
 
 log = logging.getLogger("pareto")

@@ -22,7 +22,7 @@ from smpq.cnn.data import get_splits
 from smpq.cnn.models import build_model
 from smpq.cnn.pipeline import calibration_batches
 from smpq.cnn.supernet import Supernet
-from smpq.policy import atomic_write_text
+from smpq.fileio import atomic_write_text
 from smpq.spec import act_spec, weight_spec
 
 OUT = Path(__file__).parent / "results"

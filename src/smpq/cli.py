@@ -205,7 +205,7 @@ def quantize(
     console.print(_table("result", [row], list(row)))
     if out is not None:
         from smpq.cnn.train import save_checkpoint
-        from smpq.policy import atomic_write_text
+        from smpq.fileio import atomic_write_text
 
         pol.save(out / "policy.json")
         atomic_write_text(out / "metrics.json", json.dumps(row, indent=2) + "\n")
@@ -309,7 +309,7 @@ ROW_COLS = ["method", "ptq_val_acc", "val_acc", "test_acc", "bitops", "avg_bits"
 
 def write_search_outputs(out: Path, outcome, rows, budget, mc, fixed) -> None:
     """policy.json, contributions.json, search_log.jsonl, summary.json, report.html + PNGs."""
-    from smpq.policy import atomic_write_text
+    from smpq.fileio import atomic_write_text
     from smpq.report import write_report
 
     outcome.policy.save(out / "policy.json")
@@ -349,7 +349,7 @@ def compare(
     from smpq.cnn.pipeline import default_pinned
     from smpq.compare import COMPARE_METHODS, policy_row, run_method
     from smpq.cost import Budget, trace_costs
-    from smpq.policy import atomic_write_text
+    from smpq.fileio import atomic_write_text
     from smpq.report import plot_tradeoff
 
     wanted = [m.strip() for m in methods.split(",") if m.strip()]
@@ -395,7 +395,8 @@ def run(
     from smpq.cnn.train import evaluate
     from smpq.compare import policy_row, run_method
     from smpq.cost import Budget, trace_costs
-    from smpq.policy import Policy, atomic_write_text
+    from smpq.fileio import atomic_write_text
+    from smpq.policy import Policy
 
     bud = Budget.parse(budget)
     net, splits, meta = fp_model(data, model, None, cache, seed=seed)
@@ -435,7 +436,7 @@ def run(
 
 def _alpha_vs_shapley(out: Path, dmpq, smpq) -> None:
     """The paper's point: where DMPQ's alpha and SMPQ's Shapley values choose differently."""
-    from smpq.policy import atomic_write_text
+    from smpq.fileio import atomic_write_text
     from smpq.report import alpha_shapley_agreement, plot_alpha_vs_shapley
 
     merged = {"players": smpq.contributions["players"],

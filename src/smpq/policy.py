@@ -21,7 +21,7 @@ from smpq.errors import SmpqError
 from smpq.fileio import atomic_write_text
 from smpq.spec import LayerChoice, parse_bits_pair
 
-__all__ = ["POLICY_VERSION", "Policy", "atomic_write_text"]
+__all__ = ["POLICY_VERSION", "Policy"]
 
 POLICY_VERSION = 1
 

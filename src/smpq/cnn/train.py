@@ -12,9 +12,7 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -22,14 +20,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from smpq.cnn.data import DATASETS, get_splits, make_loader
 from smpq.cnn.models import MODELS, build_model, model_from_config
 from smpq.errors import SmpqError
-from smpq.fileio import atomic_write
+from smpq.fileio import atomic_save_safetensors, atomic_write_text, publish_dir
 
 __all__ = [
     "CODE_VERSION",
@@ -285,8 +283,8 @@ def save_checkpoint(directory: str | Path, model: nn.Module, meta: dict) -> Path
         text = json.dumps({**meta, "model": config}, indent=2, sort_keys=True)
     except (TypeError, ValueError) as exc:
         raise SmpqError(f"checkpoint meta is not JSON-serialisable: {exc}") from None
-    atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(state, p))
-    atomic_write(directory / META_FILE, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    atomic_save_safetensors(state, directory / WEIGHTS_FILE)
+    atomic_write_text(directory / META_FILE, text)
     return directory
 
 
@@ -395,15 +393,7 @@ def fp_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     if final.exists() and not (final / META_FILE).is_file():
         shutil.rmtree(final)  # debris of an interrupted manual copy; entries appear via rename
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=root))
-    try:
+    with publish_dir(final, META_FILE) as tmp:  # another run finishing first keeps its copy
         save_checkpoint(tmp, model, meta)
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another run finished first (target not empty): keep its copy
-            if not (final / META_FILE).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("trained FP model %s: val acc %.4f in %.1fs", final, val_acc, seconds)
     return final

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -37,7 +36,8 @@ from torch import Tensor, nn
 
 from smpq.errors import SmpqError
 from smpq.export.packing import QuantizedTensor, pack, packed_length, unpack
-from smpq.policy import Policy, atomic_write_text
+from smpq.fileio import atomic_save_safetensors, atomic_write_text
+from smpq.policy import Policy
 from smpq.spec import Granularity, QuantSpec
 
 __all__ = [
@@ -159,18 +159,6 @@ def _plain_tensors(model: nn.Module, skip: set[str]) -> dict[str, Tensor]:
     return out
 
 
-def _atomic_save_safetensors(path: Path, tensors: dict[str, Tensor], meta: dict[str, str]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        safetensors.torch.save_file(tensors, tmp, metadata=meta)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_quantized(
     path_dir: str | os.PathLike,
     model: nn.Module,
@@ -210,7 +198,7 @@ def save_quantized(
     out = Path(path_dir)
     out.mkdir(parents=True, exist_ok=True)
     file_meta = {"format": "pt", "smpq_format": FORMAT_NAME, "smpq_version": str(FORMAT_VERSION)}
-    _atomic_save_safetensors(out / WEIGHTS_FILE, tensors, file_meta)
+    atomic_save_safetensors(tensors, out / WEIGHTS_FILE, metadata=file_meta)
     policy.save(out / POLICY_FILE)
     atomic_write_text(out / META_FILE, json.dumps(meta, indent=2) + "\n")
 

@@ -28,7 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from smpq.errors import SmpqError
-from smpq.policy import Policy, atomic_write_text
+from smpq.fileio import atomic_write_text
+from smpq.policy import Policy
 from smpq.spec import Granularity, QuantSpec
 
 __all__ = [

@@ -65,7 +65,8 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from smpq.alloc import Allocation, allocate_milp
 from smpq.cost import ModelCost
 from smpq.errors import SmpqError
-from smpq.policy import Policy, atomic_write_text
+from smpq.fileio import atomic_write_text
+from smpq.policy import Policy
 from smpq.shapley import Z95, SamplerState, ShapleyConfig, ShapleyResult, permutation_shapley
 from smpq.spec import LayerChoice, QuantSpec
 from smpq.transformer.scores import (

@@ -38,7 +38,7 @@ import torch
 from smpq.alloc import Allocation
 from smpq.cost import Budget, ModelCost
 from smpq.errors import SmpqError
-from smpq.policy import atomic_write_text
+from smpq.fileio import atomic_write_text
 from smpq.shapley import ShapleyResult
 from smpq.transformer.mixed import (
     DEFAULT_CANDIDATES,

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smpq.errors import SmpqError
+from smpq.fileio import atomic_save_safetensors
 from smpq.spec import FLOAT_FORMATS, Granularity, QuantSpec
 
 __all__ = [
@@ -153,13 +154,8 @@ def _load_cached(path: Path, fingerprint: str) -> dict[str, Tensor] | None:
 
 
 def _save_cached(path: Path, tensors: dict[str, Tensor], fingerprint: str) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={"fingerprint": fingerprint})
-    tmp.replace(path)
+    atomic_save_safetensors({k: v.contiguous() for k, v in tensors.items()}, path,
+                            metadata={"fingerprint": fingerprint})
 
 
 def build_candidates(

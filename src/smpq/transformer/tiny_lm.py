@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -31,7 +30,7 @@ import torch
 from torch import nn
 
 from smpq.errors import SmpqError
-from smpq.policy import atomic_write_text
+from smpq.fileio import atomic_write_text, publish_dir
 
 __all__ = [
     "META_FILE",
@@ -344,21 +343,10 @@ def train_tiny_lm(
     root.mkdir(parents=True, exist_ok=True)
     if final.exists():
         shutil.rmtree(final)  # debris without meta.json: entries only appear via rename
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=root))
-    try:
+    with publish_dir(final, META_FILE) as tmp:  # another run finishing first keeps its copy
         model.save_pretrained(str(tmp))
         tok.save(tmp)
         atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        tmp.chmod(0o755)  # mkdtemp makes 0700; the cache is meant to be shared
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another run finished first (target not empty): keep its copy
-            if not (final / META_FILE).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("trained tiny LM %s in %.1fs", final, seconds)
     return final
 

@@ -45,7 +45,8 @@ from smpq.cnn.supernet import Supernet
 from smpq.cnn.values import SubsetValue, stack_dataset
 from smpq.cost import Budget, ModelCost
 from smpq.errors import SmpqError
-from smpq.policy import Policy, atomic_write_text
+from smpq.fileio import atomic_write_text
+from smpq.policy import Policy
 from smpq.shapley import ShapleyConfig, conservative, permutation_shapley, standardise
 from smpq.spec import LayerChoice, act_spec, weight_spec
 
