@@ -1,9 +1,11 @@
 """The command line: results on a tiny checkpoint, and one-line errors with exit code 2."""
 
 import json
+import re
 import sys
 
 import pytest
+from torch import nn
 
 from smpq.cli import main
 from smpq.cnn.models import build_model
@@ -30,7 +32,22 @@ def test_cost_table(monkeypatch, capsys, ckpt):
     code, out, _ = run(monkeypatch, capsys, "cost", "--checkpoint", ckpt, "--uniform", "4/4",
                        "--budget", "bitops=uniform:4/4")
     assert code == 0
-    assert "net.1" in out or "layers" in out or "bitops" in out
+    # Reference from the model itself: one token through each Linear, first and last pinned 8/8.
+    linears = [(n, m) for n, m in build_model("mlp", (1, 8, 8), 10, seed=0).named_modules()
+               if isinstance(m, nn.Linear)]
+    want = {}
+    for i, (name, lin) in enumerate(linears):
+        bits = 8 if i in (0, len(linears) - 1) else 4
+        want[name] = (bits, lin.in_features * lin.out_features * bits * bits)
+    rows = {cells[0]: cells for line in out.splitlines()
+            if len(cells := [c.strip() for c in line.split("│")[1:-1]]) == 8}
+    assert set(rows) - {"layer"} == set(want)
+    for name, (bits, bitops) in want.items():
+        assert rows[name][4:6] == [str(bits), str(bits)]
+        assert float(rows[name][7]) == pytest.approx(bitops, rel=1e-3)
+    total = float(re.search(r"bitops: ([\d.]+) MBitOps", out).group(1))
+    assert total == pytest.approx(sum(b for _, b in want.values()) / 1e6, rel=1e-3)
+    assert re.search(r"│ bitops=uniform:4/4 .*│\s+yes │", out)
 
 
 def test_quantize_writes_outputs(monkeypatch, capsys, ckpt, tmp_path):
