@@ -15,6 +15,11 @@ input dtype, so half-precision inputs get the same grid as float32 ones.
 Gradients use a *clipped* straight-through estimator: d out / d x is 1 where x lies inside the
 representable range and 0 where it was clipped. Scales computed by `choose_qparams` are treated
 as constants; use the LSQ functions to learn them.
+
+Why one module past ~400 lines: everything here works on the one grouped view above and shares
+its rounding, range and straight-through conventions, so the whole fake-quant arithmetic (int
+and minifloat grids, qparams, quantize/dequantize, LSQ) can be checked on one page. The LSQ
+part at the end is the natural piece to move out if the module grows.
 """
 
 from __future__ import annotations

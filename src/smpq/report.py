@@ -4,6 +4,11 @@ Every function reads the JSON-able dicts a search stores (policy, contributions,
 budget), so a report can be rebuilt from files alone. Matplotlib is imported lazily and only its
 Agg canvas is used (no pyplot): ``import smpq`` stays lean, and no global backend or figure
 state is touched, so reports can be drawn headless, in threads, or inside a notebook session.
+
+Why one module past ~400 lines: the figures and the HTML page share the figure names
+(`FIGURES`), the layer order and the number formats, and `write_report` embeds every figure;
+about half the lines are plotting boilerplate that reads straight down. Split it (figures /
+html) if a new kind of figure is added.
 """
 
 from __future__ import annotations

@@ -15,6 +15,11 @@ ModelCloud/GPTQModel quantization/config.py `dynamic_get`, pytorch/ao `FqnToConf
   on the module's full name; "-:" leaves the module unquantized. GPTQ supports 2/3/4/8 bits.
 * torchao `FqnToConfig` (`ModuleFqnToConfig` before torchao 0.15): exact module FQN -> config,
   None = leave float.
+
+Why one module past ~400 lines: the translators (llama.cpp, GPTQModel and its Hugging Face
+config, torchao) share the weight lookup, the warning rules and `write_exports`, which writes
+all of them with one README; each is a small table plus a function (~60-100 lines). A new
+toolkit is the point to split into one module per toolkit.
 """
 
 from __future__ import annotations
