@@ -128,7 +128,7 @@ def skipped_layers(
         mats = [k for k, p in mod._parameters.items() if p is not None and p.dim() >= 2]
         if mats:
             out[name] = (f"{type(mod).__name__} is not supported (nn.Linear, nn.Conv2d only); "
-                         f"{', '.join(mats)} stay float")
+                         f"{', '.join(mats)} {'stays' if len(mats) == 1 else 'stay'} float")
     return out
 
 
