@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy import stats
 
 from smpq.errors import SmpqError
 from smpq.shapley import (
+    Z95,
     SamplerState,
     ShapleyConfig,
     ValueCache,
@@ -23,6 +25,7 @@ from smpq.shapley import (
     exact_shapley,
     permutation_shapley,
     standardise,
+    t95,
 )
 
 # ---------------------------------------------------------------- independent references
@@ -287,8 +290,11 @@ def test_truncation_zeroes_the_tail_and_saves_evaluations():
     np.testing.assert_allclose(np.sort(plain.marginals, axis=1), [[0.1] * 3 + [1, 1, 3.7]] * 20)
     np.testing.assert_allclose(np.sort(trunc.marginals, axis=1), [[0.0] * 3 + [1, 1, 3.7]] * 20)
     assert trunc.evaluations < plain.evaluations
-    assert rec_trunc.masks.sum(axis=1).min() == 3  # never evaluated past the collapse
-    assert trunc.value_empty is None and plain.value_empty == 0.0
+    # never evaluated past the collapse; the empty set once, to anchor the range
+    sizes = rec_trunc.masks.sum(axis=1)
+    assert sizes[sizes > 0].min() == 3 and (sizes == 0).sum() == 1
+    assert trunc.value_empty == 0.0 and plain.value_empty == 0.0
+    assert trunc.biased and not plain.biased
 
 
 def test_untruncated_permutation_is_one_batch_call_and_cache_avoids_repeats():
@@ -330,14 +336,25 @@ def test_max_evaluations_is_a_hard_cap():
 
 
 def test_tolerance_stops_early_with_narrow_intervals():
+    # additive game: every marginal is constant, so only the variance floor is left; its
+    # half-width t(m-1) sqrt(d0 s0^2 / ((m-1+d0) m)), s0^2 = max|w|^2 / n, d0 = 4, first drops
+    # below 0.3 at m = 24 (hand-computed with scipy.stats.t below)
     w = np.arange(5.0)
     res = permutation_shapley(lambda m: m @ w, 5,
-                              ShapleyConfig(permutations=100, tolerance=1e-6, min_permutations=4))
-    assert res.stop_reason == "tolerance" and res.permutations == 4
+                              ShapleyConfig(permutations=100, tolerance=0.3, min_permutations=4))
+
+    def floor_half_width(m):
+        return stats.t.ppf(0.975, m - 1) * math.sqrt(4 * 16 / 5 / ((m - 1 + 4) * m))
+
+    first = next(m for m in range(4, 100) if floor_half_width(m) < 0.3)
+    assert first == 24
+    assert res.stop_reason == "tolerance" and res.permutations == first
+    np.testing.assert_allclose(res.ci_high - res.estimate, floor_half_width(first), rtol=1e-9)
     fn, _ = random_game(5, seed=8)
     res = permutation_shapley(fn, 5, ShapleyConfig(permutations=2000, tolerance=0.08))
     assert res.stop_reason == "tolerance" and res.permutations < 2000
     assert np.all(1.959963984540054 * res.stderr < 0.08)
+    assert np.all(res.ci_high - res.estimate < 0.08)
 
 
 def test_progress_callback_counts_permutations():
@@ -355,6 +372,9 @@ def _same(a, b):
     np.testing.assert_array_equal(a.marginals, b.marginals)
     np.testing.assert_array_equal(a.estimate, b.estimate)
     np.testing.assert_array_equal(a.stderr, b.stderr)
+    np.testing.assert_array_equal(a.ci_low, b.ci_low)
+    np.testing.assert_array_equal(a.ci_high, b.ci_high)
+    assert a.biased == b.biased
     assert (a.evaluations, a.permutations, a.stop_reason) == (b.evaluations, b.permutations,
                                                               b.stop_reason)
 
@@ -416,6 +436,12 @@ def test_resume_rejects_mismatched_state():
         permutation_shapley(fn, 5, PLAIN, rng=np.random.default_rng(0), state=res.state)
     with pytest.raises(SmpqError):
         SamplerState.from_dict({"n_players": 5})
+    # a state truncated under the old rule (tau * v(full), no remainders) is refused
+    cut = permutation_shapley(fn, 5, ShapleyConfig(truncation=0.5, permutations=3))
+    old = {**cut.state.to_dict(), "fingerprint": {"antithetic": False, "truncation": 0.5,
+                                                  "truncation_chunk": 8}}
+    with pytest.raises(SmpqError):
+        permutation_shapley(fn, 5, ShapleyConfig(truncation=0.5), state=SamplerState.from_dict(old))
 
 
 def test_mt19937_state_round_trips():
@@ -492,3 +518,148 @@ def test_bad_arguments_raise():
         permutation_shapley(lambda m: np.full(len(m), np.nan), 3)
     with pytest.raises(SmpqError):
         permutation_shapley(lambda m: np.zeros(len(m)), 3, ShapleyConfig(method="exact"))
+
+
+# ---------------------------------------------------------------- honest intervals
+
+
+def _coverage(fn, truth, n, seeds, **kw) -> float:
+    hits = 0
+    for s in seeds:
+        res = permutation_shapley(fn, n, ShapleyConfig(seed=s, **kw))
+        hits += int(np.sum((res.ci_low <= truth) & (truth <= res.ci_high)))
+    return hits / (n * len(seeds))
+
+
+def _glove_closed_form(n_left: int):
+    left, right = set(range(n_left)), {n_left}
+    truth = np.r_[np.full(n_left, 1 / (n_left * (n_left + 1))), n_left / (n_left + 1)]
+    return set_game(glove(left, right), n_left + 1), truth, n_left + 1
+
+
+def _voting_brute_force(weights, quota):
+    v = voting(weights, quota)
+    return set_game(v, len(weights)), brute_force_shapley(v, len(weights)), len(weights)
+
+
+COVERAGE_GAMES = {
+    "voting": lambda: _voting_brute_force([4, 2, 1, 1, 1], 5),
+    "voting6": lambda: _voting_brute_force([5, 3, 2, 1, 1, 1], 7),
+    "glove3": lambda: _glove_closed_form(3),
+    "glove6": lambda: _glove_closed_form(6),
+    "pairwise": lambda: (*symmetric_pairwise(6, seed=1), 6),
+}
+
+
+@pytest.mark.parametrize("game", sorted(COVERAGE_GAMES))
+def test_default_settings_cover_at_the_stated_rate(game):
+    # defaults: 10 permutations, no truncation; truth from closed forms or brute force
+    assert (ShapleyConfig().permutations, ShapleyConfig().truncation) == (10, None)
+    fn, truth, n = COVERAGE_GAMES[game]()
+    assert _coverage(fn, truth, n, range(300)) >= 0.9
+
+
+def test_t_quantile_matches_scipy():
+    for df in (1, 4, 9, 29):
+        assert t95(df) == pytest.approx(stats.t.ppf(0.975, df), rel=1e-10)
+    assert t95(1e9) == pytest.approx(Z95, rel=1e-8)
+    with pytest.raises(SmpqError):
+        t95(0)
+
+
+def test_no_zero_width_interval_from_identical_marginals():
+    # additive game: identical marginals in every permutation are no proof of a constant player
+    w = np.array([0.3, -1.0, 2.5, 0.0, 0.7])
+    res = permutation_shapley(lambda m: m @ w + 4.0, 5, PLAIN)
+    assert np.all(res.ci_high - res.ci_low > 0.1)
+    assert np.all((res.ci_low < w) & (w < res.ci_high))
+    # a rare pivot not yet seen: left gloves with all-zero marginals still get a width
+    fn, truth, n = _glove_closed_form(6)
+    for seed in range(40):
+        res = permutation_shapley(fn, n, ShapleyConfig(seed=seed))
+        assert np.all(res.ci_high > res.ci_low)
+    # a one-player game has a single permutation: exact, zero width
+    res = permutation_shapley(lambda m: np.where(m[:, 0], 3.0, 1.0), 1, ShapleyConfig())
+    assert res.ci_low.tolist() == res.ci_high.tolist() == [2.0]
+
+
+def test_floor_fades_and_matches_plain_t_interval_with_many_samples():
+    # with m samples and real variance the floor only acts below the pooled level
+    fn, _ = random_game(6, seed=4)
+    res = permutation_shapley(fn, 6, ShapleyConfig(permutations=400, seed=0))
+    plain_t = stats.t.ppf(0.975, 399) * res.stderr
+    half = res.ci_high - res.estimate
+    assert np.all(half >= plain_t - 1e-12) and np.all(half < 1.05 * plain_t)
+    np.testing.assert_allclose(res.estimate - res.ci_low, half, atol=1e-12)
+
+
+@pytest.mark.parametrize(("shift", "scale"), [(-5.0, 1.0), (3.0, 1.0), (0.0, 2.5), (-7.0, 0.3)])
+def test_truncation_is_invariant_to_shift_and_scale(shift, scale):
+    table = np.random.default_rng(3).uniform(size=1 << 7)
+    fn, _ = table_game(table, 7)
+    moved, _ = table_game(shift + scale * table, 7)
+    cfg = ShapleyConfig(permutations=12, seed=1, truncation=0.5, truncation_chunk=2)
+    a, b = permutation_shapley(fn, 7, cfg), permutation_shapley(moved, 7, cfg)
+    assert a.biased and b.biased
+    np.testing.assert_allclose(scale * a.marginals, b.marginals, atol=1e-9)
+    np.testing.assert_allclose(scale * a.estimate, b.estimate, atol=1e-9)
+    np.testing.assert_allclose(scale * a.ci_low, b.ci_low, atol=1e-9)
+    np.testing.assert_allclose(scale * a.ci_high, b.ci_high, atol=1e-9)
+
+
+def neg_loss_game(n: int):
+    """v(S) = -ln 10 + sum_S w_i (all values <= 0, v(N) = -0.1), like --value neg_loss."""
+    w = np.linspace(1.0, 2.0, n)
+    w *= (math.log(10) - 0.1) / w.sum()
+    return (lambda m: m.astype(float) @ w - math.log(10)), w
+
+
+def test_truncation_on_a_negative_value_credits_more_than_one_player():
+    n = 8
+    fn, w = neg_loss_game(n)
+    res = permutation_shapley(fn, n, ShapleyConfig(permutations=20, seed=0, truncation=0.5))
+    assert res.value_full < 0 and res.value_empty < 0 and res.biased
+    span = w.sum()
+    for row in res.marginals:
+        credited = row != 0
+        # credited players are exactly those removed until v(S) - v(empty) < span / 2 ...
+        np.testing.assert_allclose(row[credited], w[credited], atol=1e-12)
+        assert w[~credited].sum() < 0.5 * span
+        # ... and not one removal earlier: the last credited player was still needed
+        assert w[~credited].sum() + w[credited].max() >= 0.5 * span - 1e-12
+        assert credited.sum() > 1
+
+
+def test_truncated_intervals_cover_on_monotone_games():
+    # the widening by the cut-off tail's value bounds the truncation bias when v is monotone
+    def v(s):
+        k = len(s)
+        return -math.log(10) + 2.2 * (k / 6) ** 2 + 0.1 * len(s & {0, 1})
+
+    fn, truth = set_game(v, 6), brute_force_shapley(v, 6)
+    assert _coverage(fn, truth, 6, range(150), truncation=0.5) >= 0.9
+    fn, truth, n = _voting_brute_force([4, 2, 1, 1, 1], 5)
+    assert _coverage(fn, truth, n, range(150), truncation=0.5) >= 0.9
+
+
+def test_biased_flag_is_set_only_when_a_tail_was_cut_and_serialised():
+    fn, _ = neg_loss_game(6)
+    plain = permutation_shapley(fn, 6, ShapleyConfig(permutations=4))
+    cut = permutation_shapley(fn, 6, ShapleyConfig(permutations=4, truncation=0.5))
+    assert not plain.biased and cut.biased
+    assert json.loads(json.dumps(cut.to_dict(), allow_nan=False))["biased"] is True
+    assert json.loads(json.dumps(plain.to_dict(), allow_nan=False))["biased"] is False
+    # v stays at v(N) until the empty set: the crossing is the last removal, nothing is cut
+    def last_only(m):
+        return m.any(axis=1).astype(float)
+
+    res = permutation_shapley(last_only, 4, ShapleyConfig(permutations=8, truncation=0.5))
+    assert not res.biased
+    assert res.marginals.sum(axis=1).tolist() == [1.0] * 8
+    # v(full) <= v(empty): no range to truncate on, whole chains, efficiency exact
+    def falling(m):
+        return -m.sum(axis=1).astype(float)
+
+    res = permutation_shapley(falling, 4, ShapleyConfig(permutations=5, truncation=0.5))
+    assert not res.biased
+    np.testing.assert_allclose(res.marginals, -1.0)

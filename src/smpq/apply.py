@@ -2,15 +2,33 @@
 
 Layers are addressed by fully qualified name (`model.named_modules()`); include/exclude take
 shell-style patterns (`fnmatch`), e.g. exclude=["fc"] keeps the classifier in float.
+
+Which modules are quantizable: nn.Linear and nn.Conv2d, and their subclasses (a user's own
+conv with a hook or extra attributes) when the quantized layer computes exactly what they do:
+
+| subclass of nn.Linear / nn.Conv2d that ...             | quantized?                   |
+|--------------------------------------------------------|------------------------------|
+| adds attributes or instance hooks, keeps `forward`     | yes; kept, and `dequantize_` |
+|                                                        | gives the user's class back  |
+| overrides `forward` / `_conv_forward` (a fused op)     | no: would drop that op       |
+| owns parameters, buffers or submodules beyond weight   | no: would drop them (weight  |
+| and bias                                               | norm, parametrizations)      |
+| is `nn.MultiheadAttention.out_proj`                    | no: its parent reads the     |
+|                                                        | weight, never calls forward  |
+| is an uninitialised lazy layer                         | no: no weight yet            |
+
+`skipped_layers(model)` says, per module, why it is not quantized or not searched.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from smpq.errors import SmpqError
 from smpq.modules import QuantConv2d, QuantLayer, QuantLinear
@@ -25,22 +43,93 @@ __all__ = [
     "quant_layers",
     "quantizable_layers",
     "quantize_",
+    "skipped_layers",
     "supernet_",
 ]
 
-# Dispatch table: float module type -> its fake-quantized class.
+# Dispatch table: float module type (and its reproducible subclasses) -> fake-quantized class.
 QUANTIZABLE: dict[type[nn.Module], type[QuantLayer]] = {
     nn.Linear: QuantLinear,
     nn.Conv2d: QuantConv2d,
 }
+_FLOAT_CLASS = "_smpq_float_class"  # set on a QuantLayer: the user's class, for dequantize_
+
+
+def _float_base(mod: nn.Module) -> type[nn.Module] | None:
+    return next((base for base in QUANTIZABLE if isinstance(mod, base)), None)
+
+
+def _subclass_problem(mod: nn.Module, base: type[nn.Module]) -> str | None:
+    """Why QUANTIZABLE[base] cannot stand in for `mod` (a subclass of base), or None."""
+    cls = type(mod)
+    if cls is base:
+        return None
+    name = cls.__name__
+    if isinstance(mod, LazyModuleMixin) and mod.has_uninitialized_params():
+        return f"{name} is an uninitialised lazy layer (run one forward pass first)"
+    if isinstance(mod, NonDynamicallyQuantizableLinear):
+        return f"{name}: its parent (nn.MultiheadAttention) reads the weight without forward()"
+    for method in ("forward", "_conv_forward"):
+        if getattr(cls, method, None) is not getattr(base, method, None):
+            return (f"{name} overrides {method}() of nn.{base.__name__}; the quantized layer "
+                    "would drop that computation")
+    extra = [k for k in mod._parameters if k not in ("weight", "bias")]
+    extra += [*mod._buffers, *mod._modules]
+    if extra:
+        return (f"{name} holds {', '.join(extra)} beyond weight/bias, which the quantized layer "
+                "would drop")
+    return None
 
 
 def _is_quantizable(mod: nn.Module) -> bool:
-    return isinstance(mod, QuantLayer) or type(mod) in QUANTIZABLE
+    if isinstance(mod, QuantLayer):
+        return True
+    base = _float_base(mod)
+    return base is not None and _subclass_problem(mod, base) is None
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def skipped_layers(
+    model: nn.Module,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    pinned: Mapping[str, object] | Iterable[str] | None = None,
+) -> dict[str, str]:
+    """{fqn: reason} for every module that holds a weight but is not quantized, or is not
+    searched: an unsupported type (nn.Conv1d, nn.ConvTranspose2d, nn.Embedding, a user's own
+    layer with a matrix parameter), a subclass the quantized layer cannot reproduce, a layer
+    left out by the include/exclude patterns, or a pinned one. Norm layers (1-D weights) are
+    not listed; parts of layers already quantized are not looked into."""
+    pinned = dict(pinned) if isinstance(pinned, Mapping) else dict.fromkeys(pinned or ())
+    out: dict[str, str] = {}
+    inside: tuple[str, ...] = ()
+    for name, mod in model.named_modules():
+        if inside and name.startswith(inside):
+            continue
+        if isinstance(mod, QuantLayer):
+            inside = (*inside, f"{name}.")
+        base = _float_base(mod)
+        if base is not None or isinstance(mod, QuantLayer):
+            problem = None if isinstance(mod, QuantLayer) else _subclass_problem(mod, base)
+            if problem is not None:
+                out[name] = problem
+                inside = (*inside, f"{name}.")  # its parametrizations etc. go with it
+            elif include and not _matches(name, include):
+                out[name] = f"not matched by include {list(include)}"
+            elif exclude and _matches(name, exclude):
+                out[name] = f"excluded by {[p for p in exclude if fnmatch.fnmatchcase(name, p)]}"
+            elif name in pinned:
+                label = getattr(pinned[name], "label", None)
+                out[name] = f"pinned at {label}, not searched" if label else "pinned, not searched"
+            continue
+        mats = [k for k, p in mod._parameters.items() if p is not None and p.dim() >= 2]
+        if mats:
+            out[name] = (f"{type(mod).__name__} is not supported (nn.Linear, nn.Conv2d only); "
+                         f"{', '.join(mats)} {'stays' if len(mats) == 1 else 'stay'} float")
+    return out
 
 
 def quantizable_layers(
@@ -55,7 +144,10 @@ def quantizable_layers(
     if exclude:
         found = {n: m for n, m in found.items() if not _matches(n, exclude)}
     if not found:
-        raise SmpqError("the model has no quantizable layers (nn.Linear / nn.Conv2d) selected")
+        why = "; ".join(f"{n or '<model>'}: {r}" for n, r in
+                        list(skipped_layers(model, include, exclude).items())[:4])
+        raise SmpqError("the model has no quantizable layers (nn.Linear / nn.Conv2d) selected"
+                        + (f" (skipped: {why})" if why else ""))
     return found
 
 
@@ -76,10 +168,20 @@ def _check_finite(name: str, mod: nn.Module) -> None:
             raise SmpqError(f"layer {name!r} has non-finite values in its {pname}")
 
 
+def _to_float(mod: QuantLayer) -> nn.Module:
+    """The float module back in the user's own class (to_float alone gives nn.Linear/Conv2d)."""
+    base = mod.to_float()
+    cls = base.__dict__.pop(_FLOAT_CLASS, None)
+    if cls is not None:
+        base.__class__ = cls
+    return base
+
+
 def _wrap(model, name, mod, w_specs, a_specs, **kw) -> QuantLayer:
-    base = mod.to_float() if isinstance(mod, QuantLayer) else mod
+    base = _to_float(mod) if isinstance(mod, QuantLayer) else mod
     _check_finite(name, base)
-    new = QUANTIZABLE[type(base)].from_float(base, w_specs, a_specs, **kw)
+    new = QUANTIZABLE[_float_base(base)].from_float(base, w_specs, a_specs, **kw)
+    setattr(new, _FLOAT_CLASS, type(base))
     _swap(model, name, new)
     return new
 
@@ -102,7 +204,7 @@ def quantize_(
         mod = layers[name]
         if choice is None:
             if isinstance(mod, QuantLayer):
-                _swap(model, name, mod.to_float())
+                _swap(model, name, _to_float(mod))
             continue
         _wrap(model, name, mod, [choice.weight], [choice.act],
               act_method=act_method, learnable=learnable)
@@ -147,7 +249,7 @@ def supernet_(
 def dequantize_(model: nn.Module) -> nn.Module:
     """Undo quantize_/supernet_: every QuantLayer back to its float module."""
     for name, mod in quant_layers(model).items():
-        _swap(model, name, mod.to_float())
+        _swap(model, name, _to_float(mod))
     return model
 
 

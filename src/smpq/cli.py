@@ -148,7 +148,10 @@ def train(
 @app.command()
 def layers(data: str = DataOpt, model: str = ModelOpt, checkpoint: Path = CkptOpt,
            cache: Path = CacheOpt) -> None:
-    """List the quantizable layers with their parameters and MACs."""
+    """List the quantizable layers with their parameters and MACs, then the modules that are
+    skipped (unsupported types, subclasses the quantized layer cannot reproduce) or pinned."""
+    from smpq.apply import skipped_layers
+    from smpq.cnn.pipeline import default_pinned
     from smpq.cost import trace_costs
 
     net, splits, _ = fp_model(data, model, checkpoint, cache)
@@ -156,6 +159,8 @@ def layers(data: str = DataOpt, model: str = ModelOpt, checkpoint: Path = CkptOp
     rows = [{"layer": n, "kind": lc.kind, "shape": "x".join(map(str, lc.weight_shape)),
              "params": lc.params, "macs": lc.macs} for n, lc in cost.layers.items()]
     console.print(_table("quantizable layers", rows, ["layer", "kind", "shape", "params", "macs"]))
+    for name, why in skipped_layers(net, pinned=default_pinned(cost.names)).items():
+        console.print(f"skipped {name or '<model>'}: {why}", markup=False, highlight=False)
 
 
 @app.command()
@@ -264,7 +269,8 @@ def search(
     cache: Path = CacheOpt, data_dir: str = DataDirOpt,
     epochs: int = typer.Option(8, min=1, help=SEARCH_HELP),
     permutations: int = typer.Option(10, min=1, help="Shapley permutations per epoch."),
-    truncation: float = typer.Option(0.5, help="Truncate at tau x v(full); 0 = off."),
+    truncation: float = typer.Option(
+        0.5, help="Truncate once v(S)-v(empty) < tau x (v(full)-v(empty)); 0 = off."),
     antithetic: bool = typer.Option(False, help="Antithetic (reversed) permutation pairs."),
     value: str = typer.Option("acc", help="v(S): acc or neg_loss on the validation split."),
     derive: str = typer.Option("milp", help="milp (exact under budget) or argmax."),

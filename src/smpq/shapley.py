@@ -7,6 +7,23 @@ to the empty set in a random order, crediting each player with the drop its remo
 Why one module past ~400 lines: the estimators share the value cache, the resumable sampler
 state and the result type, and the truncation/tolerance rules only make sense read next to the
 loop that applies them; split apart, each piece would import all the others.
+
+Intervals (``ShapleyResult.ci_low/ci_high``) are meant to hold at their stated 95% with the
+default ten permutations, so they are not ``estimate +- 1.96 stderr``:
+
+- Student t quantiles with m - 1 degrees of freedom (m i.i.d. samples), not 1.96;
+- a variance floor: a player's sample variance is raised to the moderated variance
+  ``((m-1) s^2 + d0 s0^2) / (m - 1 + d0)`` (empirical Bayes, as limma's moderated t), with
+  ``d0 = PRIOR_DF`` and ``s0^2`` the larger of the players' mean variance and
+  ``max |marginal|^2 / n`` (the biggest effect seen, as if it were one player's in n). A player
+  whose few marginals happened to be identical (a rare pivot not yet seen) so gets a non-zero
+  width; the floor fades like 1/m. Only a game in which every sampled marginal is 0 (nothing
+  to scale by) or a one-player game (one permutation, exact) gets zero width. With d0 = 4 the
+  coverage at ten permutations is >= 0.93 on voting, glove, pairwise and random games;
+- truncation (see ``ShapleyConfig``) credits 0 to players it never removes, so its estimates
+  are biased: ``ShapleyResult.biased`` says so, and the interval is widened by the value the
+  cut-off tail still held, which bounds the bias when v is monotone (each unseen marginal lies
+  between 0 and that remainder). For non-monotone games no bound holds; trust the flag.
 """
 
 from __future__ import annotations
@@ -23,14 +40,16 @@ import numpy as np
 from smpq.errors import SmpqError
 
 __all__ = [
-    "Z95", "SamplerState", "ShapleyConfig", "ShapleyResult", "ValueCache", "ValueFn", "batched",
-    "conservative", "estimate_shapley", "exact_shapley", "permutation_shapley", "standardise",
+    "PRIOR_DF", "Z95", "SamplerState", "ShapleyConfig", "ShapleyResult", "ValueCache", "ValueFn",
+    "batched", "conservative", "estimate_shapley", "exact_shapley", "half_widths", "intervals",
+    "permutation_shapley", "standardise", "t95",
 ]
 
 log = logging.getLogger(__name__)
 
 ValueFn = Callable[[np.ndarray], np.ndarray]
-Z95 = 1.959963984540054  # two-sided 95% normal quantile
+Z95 = 1.959963984540054  # two-sided 95% normal quantile (the large-sample limit of t95)
+PRIOR_DF = 4.0  # pseudo degrees of freedom of the variance floor (see module docstring)
 MAX_EXACT_PLAYERS = 20
 _TO_STR = bytes.maketrans(b"\x00\x01", b"01")
 _TO_KEY = bytes.maketrans(b"01", b"\x00\x01")
@@ -123,10 +142,16 @@ class ValueCache:
 class ShapleyConfig:
     """How to estimate Shapley values; defaults follow Shapley-NAS (M=10 permutations).
 
-    ``truncation`` is tau: a permutation stops once v(S) < tau * v(full) (Shapley-NAS: 0.5) and
-    its remaining players get marginal 0. ``max_evaluations`` is a hard cap: a permutation (pair)
-    is started only if its worst-case number of new evaluations still fits. ``tolerance`` stops
-    once every 95% CI half-width is below it, after at least ``min_permutations``.
+    ``truncation`` is tau: a permutation stops once the value left to lose, measured from the
+    empty set, is below tau of the game's range, v(S) - v(empty) < tau * (v(full) - v(empty)),
+    and its remaining players get marginal 0 (Shapley-NAS: tau = 0.5; with v(empty) = 0 this is
+    their v(S) < tau * v(full)). The rule does not change when v is shifted by a constant, so
+    it works for values <= 0 (negative loss); it is off when v(full) <= v(empty). Truncated
+    estimates are biased (``ShapleyResult.biased``). ``max_evaluations`` is a hard cap: a
+    permutation (pair) is started only if its worst-case number of new evaluations still fits.
+    ``tolerance`` stops once every sampling half-width (``half_widths``: t quantile, variance
+    floor; truncation bias is left out, more samples do not shrink it) is below it, after at
+    least ``min_permutations``.
     """
 
     method: str = "permutation"
@@ -192,8 +217,12 @@ def _json_rng(obj: Any, decode: bool = False) -> Any:
 
 
 def _fingerprint(config: ShapleyConfig) -> dict[str, Any]:
-    """Config fields that change what a permutation produces; a resume must not change them."""
-    return {k: getattr(config, k) for k in ("antithetic", "truncation", "truncation_chunk")}
+    """Config fields that change what a permutation produces; a resume must not change them.
+    Truncated states also name the rule, so a state cut at the old tau * v(full) is refused."""
+    out = {k: getattr(config, k) for k in ("antithetic", "truncation", "truncation_chunk")}
+    if config.truncation is not None:
+        out["truncation_rule"] = "range"
+    return out
 
 
 @dataclass(eq=False)
@@ -201,7 +230,9 @@ class SamplerState:
     """A checkpoint between permutations; resuming from it reproduces an uninterrupted run.
 
     ``cache`` is optional: without it the resumed run re-evaluates coalitions it had seen, so
-    estimates match but ``evaluations`` grows.
+    estimates match but ``evaluations`` grows. ``remainders`` (truncation only) holds, per
+    permutation, the value its cut-off tail still held, on the tail's players (else 0), and
+    ``tails`` how many players each permutation cut off.
     """
 
     n_players: int
@@ -210,9 +241,11 @@ class SamplerState:
     evaluations: int = 0
     cache: dict[str, float] | None = None
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    remainders: np.ndarray | None = None
+    tails: list[int] | None = None
 
     def to_dict(self, include_cache: bool = True) -> dict[str, Any]:
-        return {
+        out = {
             "n_players": self.n_players,
             "marginals": np.asarray(self.marginals, dtype=float).tolist(),
             "rng_state": _json_rng(self.rng_state),
@@ -220,6 +253,10 @@ class SamplerState:
             "cache": dict(self.cache) if include_cache and self.cache is not None else None,
             "fingerprint": dict(self.fingerprint),
         }
+        if self.remainders is not None:
+            out["remainders"] = np.asarray(self.remainders, dtype=float).tolist()
+            out["tails"] = [int(t) for t in self.tails or []]
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SamplerState:
@@ -227,8 +264,13 @@ class SamplerState:
             n = _check_n(data["n_players"])
             marginals = np.array(data["marginals"], dtype=float).reshape(-1, n)
             rng_state = _json_rng(data["rng_state"], decode=True)
+            rem = data.get("remainders")
+            rem = None if rem is None else np.array(rem, dtype=float).reshape(-1, n)
+            tails = None if rem is None else [int(t) for t in data["tails"]]
+            if rem is not None and not len(rem) == len(tails) == len(marginals):
+                raise ValueError("remainders, tails and marginals differ in length")
             return cls(n, marginals, rng_state, int(data["evaluations"]), data.get("cache"),
-                       dict(data.get("fingerprint", {})))
+                       dict(data.get("fingerprint", {})), rem, tails)
         except (KeyError, TypeError, ValueError) as exc:
             raise SmpqError(f"malformed SamplerState: {exc}") from exc
 
@@ -249,6 +291,9 @@ class ShapleyResult:
     ``marginals`` holds one row per permutation (truncated players are 0). With antithetic
     sampling rows ``2j`` and ``2j+1`` are a permutation and its reverse; they are correlated, so
     ``stderr`` treats each pair's average as ONE sample (see ``independent_samples``).
+    ``stderr`` is the plain sample standard error; ``ci_low``/``ci_high`` are the 95% interval
+    of the module docstring (t quantile, variance floor, truncation widening). ``biased``: some
+    permutation was truncated, so marginals of its tail were never observed.
     """
 
     estimate: np.ndarray
@@ -264,6 +309,7 @@ class ShapleyResult:
     antithetic: bool = False
     stop_reason: str = "permutations"
     state: SamplerState | None = field(default=None, repr=False)
+    biased: bool = False
 
     def independent_samples(self) -> np.ndarray:
         """i.i.d. rows: marginals, or antithetic pair means."""
@@ -289,6 +335,48 @@ def _stderr(samples: np.ndarray) -> np.ndarray:
     if m < 2:
         return np.full(samples.shape[1], np.nan)
     return samples.std(axis=0, ddof=1) / math.sqrt(m)
+
+
+@functools.lru_cache(maxsize=256)
+def t95(df: float) -> float:
+    """Two-sided 95% Student t quantile with ``df`` degrees of freedom (``Z95`` as df -> inf)."""
+    from scipy.special import stdtrit  # lazy: importing smpq stays light
+
+    if not df > 0:
+        raise SmpqError(f"degrees of freedom must be > 0, got {df}")
+    return float(stdtrit(df, 0.975))
+
+
+def half_widths(samples: np.ndarray) -> np.ndarray:
+    """95% half-widths for the column means of i.i.d. rows ``samples`` (m, n): t quantile with
+    m - 1 degrees of freedom on the floored variance (module docstring). NaN for m < 2, except
+    in a one-player game, where every permutation is the same and the estimate is exact."""
+    samples = np.asarray(samples, dtype=float)
+    m, n = samples.shape
+    if n == 1 and m >= 1:
+        return np.zeros(1)
+    if m < 2:
+        return np.full(n, np.nan)
+    var = samples.var(axis=0, ddof=1)
+    prior = max(float(var.mean()), float(np.abs(samples).max()) ** 2 / n)
+    d = m - 1
+    var = np.maximum(var, (d * var + PRIOR_DF * prior) / (d + PRIOR_DF))
+    return t95(d) * np.sqrt(var / m)
+
+
+def intervals(marginals: np.ndarray, antithetic: bool = False,
+              remainders: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ci_low, ci_high) around the mean of per-permutation ``marginals`` (antithetic pairs
+    averaged into one sample). ``remainders``: per permutation, the value the truncated tail
+    held on its players; the interval grows by their mean, in the remainders' direction."""
+    marginals = np.asarray(marginals, dtype=float)
+    mean = marginals.mean(axis=0)
+    half = half_widths(_independent(marginals, antithetic))
+    low, high = mean - half, mean + half
+    if remainders is not None and len(remainders):
+        rem = np.asarray(remainders, dtype=float)
+        low, high = low + np.minimum(rem, 0).mean(axis=0), high + np.maximum(rem, 0).mean(axis=0)
+    return low, high
 
 
 def exact_shapley(value_fn: ValueFn, n_players: int, batch_size: int = 4096) -> ShapleyResult:
@@ -326,41 +414,49 @@ def _chain(perm: np.ndarray) -> np.ndarray:
     return rank[None, :] >= np.arange(len(perm) + 1)[:, None]
 
 
-def _marginals_truncated(cache: ValueCache, perm: np.ndarray, tau: float, chunk: int) -> np.ndarray:
-    """Walk the chain in chunks; the player whose removal crosses tau*v(N) keeps its drop, the
-    rest of the permutation gets 0 (Shapley-NAS early truncation)."""
+def _marginals_truncated(cache: ValueCache, perm: np.ndarray, tau: float,
+                         chunk: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Walk the chain in chunks; the player whose removal takes v(S) - v(empty) below
+    tau * (v(N) - v(empty)) keeps its drop, the rest of the permutation gets 0 (Shapley-NAS
+    early truncation on the game's range). Returns the row, the value the cut-off tail still
+    held (v(S) - v(empty), on the tail's players) and the tail's length."""
     masks = _chain(perm)
-    row = np.zeros(len(perm))
-    prev = float(cache(masks[:1])[0])
-    threshold = tau * prev
-    for start in range(1, len(perm) + 1, chunk):
+    n = len(perm)
+    row, rem = np.zeros(n), np.zeros(n)
+    prev, empty = (float(x) for x in cache(masks[[0, n]]))
+    span = prev - empty
+    threshold = empty + tau * span if span > 0 else -math.inf  # no range: walk it all
+    for start in range(1, n + 1, chunk):
         for offset, value in enumerate(cache(masks[start : start + chunk]).tolist()):
-            row[perm[start - 1 + offset]] = prev - value
+            at = start - 1 + offset
+            row[perm[at]] = prev - value
             prev = value
             if value < threshold:
-                return row
-    return row
+                tail = perm[at + 1 :]
+                rem[tail] = value - empty
+                return row, rem, len(tail)
+    return row, rem, 0
 
 
-def _marginals(cache: ValueCache, perms: list[np.ndarray], config: ShapleyConfig) -> list:
+def _marginals(cache: ValueCache, perms: list[np.ndarray], config: ShapleyConfig
+               ) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
     if config.truncation is not None:
-        return [
-            _marginals_truncated(cache, p, config.truncation, config.truncation_chunk)
-            for p in perms
-        ]
+        out = [_marginals_truncated(cache, p, config.truncation, config.truncation_chunk)
+               for p in perms]
+        return [o[0] for o in out], [o[1] for o in out], [o[2] for o in out]
     values = cache(np.vstack([_chain(p) for p in perms])).reshape(len(perms), -1)
     rows = []
     for p, v in zip(perms, values, strict=True):
         row = np.empty(len(p))
         row[p] = v[:-1] - v[1:]
         rows.append(row)
-    return rows
+    return rows, [], []
 
 
 def _tolerance_met(rows: list[np.ndarray], config: ShapleyConfig) -> bool:
     if config.tolerance is None or len(rows) < config.min_permutations:
         return False
-    half = Z95 * _stderr(_independent(np.asarray(rows), config.antithetic))
+    half = half_widths(_independent(np.asarray(rows), config.antithetic))
     return bool(np.all(half < config.tolerance))  # NaN (one sample) compares False
 
 
@@ -387,8 +483,16 @@ def permutation_shapley(
     if state is not None and (state.n_players, state.fingerprint) != (n, _fingerprint(config)):
         raise SmpqError(f"cannot resume a SamplerState for n={state.n_players}, "
                         f"{state.fingerprint} with n={n}, {_fingerprint(config)}")
+    truncated = config.truncation is not None
+    rems: list[np.ndarray] = []
+    tails: list[int] = []
     if state is not None:
         rng, rows = state.generator(), list(np.asarray(state.marginals, float).reshape(-1, n))
+        if truncated:
+            if state.remainders is None and rows:
+                raise SmpqError("cannot resume a truncated run from a state without remainders")
+            rems = list(np.asarray(state.remainders, float).reshape(-1, n)) if rows else []
+            tails = list(state.tails or [])
         entries = ValueCache.entries_from_dict(state.cache or {})
         cache = ValueCache(value_fn, n, config.batch_size, entries=entries,
                            evaluations=state.evaluations)
@@ -399,7 +503,9 @@ def permutation_shapley(
     def snapshot() -> SamplerState:
         return SamplerState(n, np.array(rows, dtype=float).reshape(-1, n),
                             rng.bit_generator.state, cache.evaluations, cache.to_dict(),
-                            _fingerprint(config))
+                            _fingerprint(config),
+                            np.array(rems, dtype=float).reshape(-1, n) if truncated else None,
+                            list(tails) if truncated else None)
 
     stop_reason = "permutations"
     while len(rows) < config.permutations:
@@ -415,7 +521,10 @@ def permutation_shapley(
                 rng.bit_generator.state = before  # so a resume with a bigger budget continues here
                 stop_reason = "max_evaluations"
                 break
-        rows.extend(_marginals(cache, perms, config))
+        new_rows, new_rems, new_tails = _marginals(cache, perms, config)
+        rows.extend(new_rows)
+        rems.extend(new_rems)
+        tails.extend(new_tails)
         if checkpoint is not None:
             checkpoint(snapshot())
         if progress is not None:
@@ -425,14 +534,13 @@ def permutation_shapley(
     log.debug("permutation_shapley stopped (%s) after %d permutations, %d evaluations",
               stop_reason, len(rows), cache.evaluations)
     marginals = np.array(rows, dtype=float)
-    samples = _independent(marginals, config.antithetic)
     estimate = marginals.mean(axis=0)
-    stderr = _stderr(samples)
+    low, high = intervals(marginals, config.antithetic, np.array(rems) if rems else None)
     return ShapleyResult(
-        estimate, stderr, estimate - Z95 * stderr, estimate + Z95 * stderr,
+        estimate, _stderr(_independent(marginals, config.antithetic)), low, high,
         np.full(n, len(rows)), cache.evaluations, len(rows),
         cache.peek(np.ones(n, dtype=bool)), cache.peek(np.zeros(n, dtype=bool)),
-        marginals, config.antithetic, stop_reason, snapshot(),
+        marginals, config.antithetic, stop_reason, snapshot(), any(t > 0 for t in tails),
     )
 
 

@@ -67,7 +67,14 @@ from smpq.cost import ModelCost
 from smpq.errors import SmpqError
 from smpq.fileio import atomic_write_text
 from smpq.policy import Policy
-from smpq.shapley import Z95, SamplerState, ShapleyConfig, ShapleyResult, permutation_shapley
+from smpq.shapley import (
+    Z95,
+    SamplerState,
+    ShapleyConfig,
+    ShapleyResult,
+    intervals,
+    permutation_shapley,
+)
 from smpq.spec import LayerChoice, QuantSpec
 from smpq.transformer.scores import (
     DEFAULT_CANDIDATES,
@@ -296,8 +303,9 @@ def estimate_contributions(
                                      state=done.state)
     rows = remap(result.state)
     mean, se = _summary(rows, config.antithetic)
-    return replace(result, estimate=mean, stderr=se, ci_low=mean - Z95 * se,
-                   ci_high=mean + Z95 * se, marginals=rows, stop_reason=stop)
+    low, high = intervals(rows, config.antithetic)  # the engine's t quantile and variance floor
+    return replace(result, estimate=mean, stderr=se, ci_low=low, ci_high=high, marginals=rows,
+                   stop_reason=stop)
 
 
 def choice_scores(estimate: np.ndarray, n_groups: int, n_levels: int) -> list[np.ndarray]:

@@ -274,7 +274,15 @@ def search(
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     work = copy.deepcopy(model)
-    names = [n for n in quantizable_layers(work) if n not in fixed]
+    found = quantizable_layers(work)
+    unknown = sorted(set(fixed) - set(found))
+    if unknown:
+        raise SmpqError(f"cannot pin {', '.join(unknown)}: not a quantizable layer of the model")
+    names = [n for n in found if n not in fixed]
+    if not names:
+        raise SmpqError(f"nothing left to search: all {len(found)} quantizable layer(s) "
+                        f"({', '.join(found)}) are pinned; pin fewer (--no-pin) or see "
+                        "`smpq layers` for the modules that are skipped and why")
     w_specs = [weight_spec(b) for b in cfg.w_bits]
     a_specs = [act_spec(b) for b in cfg.a_bits]
     fixed_policy = Policy(fixed) if fixed else None
@@ -332,6 +340,7 @@ def search(
                 cfg.momentum * raw + (1 - cfg.momentum) * res.estimate)
             st["momentum"], st["raw_ema"] = mom.tolist(), raw.tolist()
             st["estimates"] = _result_dict(res)
+            st["biased"] = bool(st.get("biased")) or res.biased  # truncated in some epoch
         loss = _train_epoch(net, train_set, cfg, epoch, opt_w,
                             opt_a if searching else None, cost, norm)
         net.set_all_active()
@@ -371,7 +380,7 @@ def _result_dict(res) -> dict:
     return {"estimate": clean(res.estimate), "stderr": clean(res.stderr),
             "ci_low": clean(res.ci_low), "ci_high": clean(res.ci_high),
             "n_samples": [int(v) for v in res.n_samples], "evaluations": int(res.evaluations),
-            "value_full": float(res.value_full)}
+            "value_full": float(res.value_full), "biased": bool(res.biased)}
 
 
 def _finish(net, cost, budget, cfg, fixed, st, value, start) -> SearchOutcome:
@@ -417,5 +426,7 @@ def _contributions(net: Supernet, cfg: SearchConfig, st: dict) -> dict:
                "alpha_w": w.tolist(), "alpha_a": a.tolist()}
         for name, (w, a) in _per_layer(net, net.alphas()).items()
     }
+    # biased: truncation cut some permutation short, so the estimates lean toward the players
+    # removed early and their intervals hold only for a monotone value (smpq.shapley)
     return {"method": cfg.method, "value": cfg.value, "players": players, "layers": layers,
-            "history": st["history"]}
+            "biased": bool(st.get("biased", False)), "history": st["history"]}
