@@ -147,6 +147,21 @@ def test_wiki_blocks_are_the_split_stream_cut_into_blocks(dump):
         wiki_blocks(tok, "train", source=path)
 
 
+def test_seeded_blocks_are_distinct_rows_in_order_and_reproducible(dump):
+    path, _ = dump
+    full = wiki_blocks(WordTokenizer(), "calibration", block=4, source=path)
+    picks = [wiki_blocks(WordTokenizer(), "calibration", 4, 5, path, seed=s) for s in (0, 0, 1)]
+    assert torch.equal(picks[0], picks[1]) and not torch.equal(picks[0], picks[2])
+    rows = {tuple(r.tolist()): i for i, r in enumerate(full)}
+    for p in picks:
+        idx = [rows[tuple(r.tolist())] for r in p]
+        assert idx == sorted(set(idx)) and len(idx) == 5
+    spread = wiki_blocks(WordTokenizer(), "calibration", 4, 5, path)
+    assert torch.equal(spread, full[[(i * len(full)) // 5 for i in range(5)]])
+    with pytest.raises(SmpqError, match="only"):
+        wiki_blocks(WordTokenizer(), "calibration", 4, len(full) + 1, path, seed=0)
+
+
 def test_calib_text_plain_and_jsonl(tmp_path):
     plain = tmp_path / "c.txt"
     plain.write_text(" ".join(f"t{i}" for i in range(100)), encoding="utf-8")

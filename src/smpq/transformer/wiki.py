@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from smpq.errors import SmpqError
@@ -280,17 +281,33 @@ def _check_split(split: str) -> None:
         raise SmpqError(f"unknown split {split!r}; known: {', '.join(WIKI_SPLITS)}")
 
 
+def _pick(blocks: torch.Tensor, n_blocks: int | None, seed: int | None) -> torch.Tensor:
+    """n_blocks distinct rows drawn with numpy's default_rng(seed), kept in stream order."""
+    if n_blocks is None:
+        return blocks
+    if not isinstance(n_blocks, int) or n_blocks < 1:
+        raise SmpqError(f"n_blocks must be None or an integer >= 1, got {n_blocks!r}")
+    if n_blocks > len(blocks):
+        raise SmpqError(f"asked for {n_blocks} blocks but the texts give only {len(blocks)}")
+    rows = np.sort(np.random.default_rng(seed).choice(len(blocks), n_blocks, replace=False))
+    return blocks[torch.from_numpy(rows)]
+
+
 def wiki_blocks(tokenizer: Any, split: str, block: int = 512, n_blocks: int | None = None,
-                source: str | os.PathLike | None = None) -> torch.Tensor:
-    """LongTensor (N, block) of the split's articles (data.token_blocks: <eos>-joined, evenly
-    spread when n_blocks is given)."""
+                source: str | os.PathLike | None = None, seed: int | None = None) -> torch.Tensor:
+    """LongTensor (N, block) of the split's articles (data.token_blocks: <eos>-joined).
+
+    With n_blocks: evenly spread blocks when seed is None (the fixed default), else n_blocks
+    distinct blocks drawn with default_rng(seed) (e.g. several calibration seeds)."""
     from smpq.transformer.data import token_blocks
 
     _check_split(split)
     texts = wiki_corpus(source)[split]
     if not texts:
         raise SmpqError(f"the Wikipedia split {split!r} has no articles")
-    return token_blocks(texts, tokenizer, block=block, n_blocks=n_blocks)
+    if seed is None:
+        return token_blocks(texts, tokenizer, block=block, n_blocks=n_blocks)
+    return _pick(token_blocks(texts, tokenizer, block=block), n_blocks, seed)
 
 
 # -- user calibration text ---------------------------------------------------------------------
