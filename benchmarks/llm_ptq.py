@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from smpq import strategy  # noqa: E402
 from smpq.alloc import count_feasible  # noqa: E402
 from smpq.cost import Budget  # noqa: E402
 from smpq.errors import SmpqError  # noqa: E402
@@ -47,8 +48,8 @@ log = logging.getLogger("llm_ptq")
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(".cache/smpq/llm_ptq")
 CANDIDATES = "int2g32,int3g32,int4g32,int8g32"
-METHODS = ("shapley", "uniform", "hessian", "fisher", "gradxdw", "relerr")
-LM_METHODS = ("shapley", "shapley_pairwise", "shapley_literal", *METHODS[1:])
+LM_METHODS = strategy.names("transformer")  # shapley and its variants, then the baselines
+METHODS = tuple(m for m in LM_METHODS if m == "shapley" or not m.startswith("shapley"))
 
 
 @dataclass(frozen=True)

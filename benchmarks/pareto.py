@@ -31,26 +31,21 @@ import numpy as np
 import torch
 from scipy import stats
 
+from smpq import strategy
 from smpq.alloc import count_feasible
 from smpq.apply import quantizable_layers
 from smpq.cnn.data import get_splits
 from smpq.cnn.pipeline import calibration_batches, default_pinned, ptq, qat
-from smpq.cnn.search import SearchConfig, search
+from smpq.cnn.search import SearchConfig, SearchOutcome
 from smpq.cnn.search.baselines import (
     HutchinsonConfig,
     PolicyTable,
     SearchSpace,
-    greedy,
-    hawq,
     hawq_sensitivity,
     interaction_analysis,
     oat_sensitivity,
-    one_at_a_time,
     oracle,
-    random_search,
-    uniform,
 )
-from smpq.cnn.search.common import StrategyResult
 from smpq.cnn.search.harness import cost_tables
 from smpq.cnn.train import TrainConfig, evaluate, fp_checkpoint, load_checkpoint
 from smpq.compare import finetune_config
@@ -59,11 +54,12 @@ from smpq.errors import SmpqError
 from smpq.fileio import atomic_write_text
 from smpq.policy import Policy
 from smpq.spec import act_spec, weight_spec
+from smpq.strategy import SearchProblem, StrategyResult
 
 log = logging.getLogger("pareto")
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(".cache/smpq")
-METHODS = ("uniform", "hawq", "oat_high", "oat_low", "greedy", "random", "smpq", "dmpq")
+METHODS = strategy.names("cnn", listed_only=True)  # uniform, hawq, ..., smpq, dmpq
 
 
 @dataclass(frozen=True)
@@ -119,41 +115,31 @@ def budget_facts(space, cost, budget) -> dict:
             "degenerate": fc.log10 < 1e-9, "unconstrained": fc.log10 >= total - 1e-9}
 
 
-def searched(model, train, val, cost, budget, fixed, seed, overrides, w, a) -> StrategyResult:
-    method = overrides["method"]
-    cfg = SearchConfig(**{**overrides, "w_bits": tuple(w), "a_bits": tuple(a), "seed": seed})
+def _run(name: str, problem: SearchProblem) -> StrategyResult:
+    """The registered strategy; the supernet searches are charged their wall time, with the
+    search's own epoch seconds kept as info["search_seconds"]."""
     start = time.perf_counter()
-    out = search(model, train, val, cost, budget, cfg, fixed=fixed)
-    return StrategyResult(method, out.policy, time.perf_counter() - start, out.evaluations,
-                          out.forward_seconds, {**out.derivation.summary(),
-                                                "search_seconds": out.seconds})
+    res = strategy.get(name, "cnn")(problem)
+    if isinstance(res.detail, SearchOutcome):
+        res.seconds = time.perf_counter() - start
+        res.info["search_seconds"] = res.detail.seconds
+    return res
 
 
 def run_methods(model, cost, budget, splits, fixed, seed, settings, w, a, sens) -> dict:
     """Every method's StrategyResult (or an error string) for one budget."""
-    ws, as_ = [weight_spec(b) for b in w], [act_spec(b) for b in a]
-    tr, va = splits.train, splits.val
-    runs = {
-        "uniform": lambda: uniform(model, cost, budget, w, a, fixed),
-        "hawq": lambda: hawq(model, cost, budget, tr, va, ws, as_, fixed,
-                             sensitivity=sens["hawq"]),
-        "oat_high": lambda: one_at_a_time(model, cost, budget, tr, va, ws, as_, fixed,
-                                          sensitivity=sens["high"]),
-        "oat_low": lambda: one_at_a_time(model, cost, budget, tr, va, ws, as_, fixed,
-                                         sensitivity=sens["low"]),
-        "greedy": lambda: greedy(model, cost, budget, tr, va, ws, as_, fixed,
-                                 sensitivity=sens["high"]),
-        "smpq": lambda: searched(model, tr, va, cost, budget, fixed, seed,
-                                 {**settings.search, "method": "smpq"}, w, a),
-        "dmpq": lambda: searched(model, tr, va, cost, budget, fixed, seed,
-                                 {**settings.search, "method": "dmpq"}, w, a),
-    }
+    problem = SearchProblem(model, cost, budget, [weight_spec(b) for b in w],
+                            [act_spec(b) for b in a], train=splits.train, val=splits.val,
+                            fixed=fixed, seed=seed,
+                            options={"sensitivity": sens,
+                                     "config": SearchConfig(**settings.search)})
     out: dict = {}
-    for name, fn in runs.items():
-        out[name] = _attempt(name, fn)
+    for name in METHODS:  # random last: it gets SMPQ's number of validation passes
+        if name != "random":
+            out[name] = _attempt(name, lambda name=name: _run(name, problem))
     n_eval = out["smpq"].evaluations if isinstance(out["smpq"], StrategyResult) else 100
-    out["random"] = _attempt("random", lambda: random_search(
-        model, cost, budget, tr, va, ws, as_, fixed, n_evaluations=max(n_eval, 1), seed=seed))
+    problem = replace(problem, options={**problem.options, "n_evaluations": max(n_eval, 1)})
+    out["random"] = _attempt("random", lambda: _run("random", problem))
     return out
 
 

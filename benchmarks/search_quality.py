@@ -66,10 +66,10 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from smpq import strategy
 from smpq.alloc import count_feasible
 from smpq.cnn.data import get_splits
 from smpq.cnn.pipeline import default_pinned
-from smpq.cnn.search.common import StrategyResult
 from smpq.cnn.search.derive import derive_budgeted
 from smpq.cnn.search.supernet_search import SearchConfig, search
 from smpq.cnn.train import TrainConfig, evaluate, fp_checkpoint, load_checkpoint
@@ -78,13 +78,18 @@ from smpq.cost import Budget, ModelCost, trace_costs
 from smpq.policy import Policy
 from smpq.report import markdown_table
 from smpq.spec import LayerChoice, act_spec, weight_spec
+from smpq.strategy import StrategyResult
 
 log = logging.getLogger("search_quality")
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = ROOT / ".cache" / "smpq"
 BITS = (2, 3, 4, 8)
-METHODS = ("uniform", "smpq", "smpq_renorm", "dmpq", "dmpq_edmips")
+# variant -> (the registered strategy it runs, SearchConfig overrides)
+VARIANTS = {"smpq": ("smpq", {}), "smpq_renorm": ("smpq", {"renormalise": True}),
+            "dmpq": ("dmpq", {}),
+            "dmpq_edmips": ("dmpq", {"derive": "argmax", "complexity_weight": 0.1})}
+METHODS = ("uniform", *VARIANTS)
 SHARED = ("smpq", "smpq_renorm", "dmpq")  # budget-independent searches (complexity weight 0)
 SEARCH_BUDGET = "50%"  # where the shared searches run (any informative budget would do)
 PAIRS = (("smpq", "dmpq"), ("smpq", "uniform"), ("smpq_renorm", "dmpq"),
@@ -131,16 +136,11 @@ def task_specs(quick: bool) -> dict[str, TaskSpec]:
 
 
 def method_config(base: SearchConfig, method: str, seed: int) -> SearchConfig:
-    cfg = replace(base, seed=seed)
-    if method == "smpq":
-        return replace(cfg, method="smpq")
-    if method == "smpq_renorm":
-        return replace(cfg, method="smpq", renormalise=True)
-    if method == "dmpq":
-        return replace(cfg, method="dmpq")
-    if method == "dmpq_edmips":
-        return replace(cfg, method="dmpq", derive="argmax", complexity_weight=0.1)
-    raise ValueError(method)
+    if method not in VARIANTS:
+        raise ValueError(method)
+    registered, overrides = VARIANTS[method]
+    strategy.get(registered, "cnn")  # a variant of a registered strategy
+    return replace(base, seed=seed, method=registered, **overrides)
 
 
 # -- io ------------------------------------------------------------------------------------

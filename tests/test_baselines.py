@@ -153,7 +153,7 @@ def test_uniform_picks_the_most_expensive_feasible_pair(task, text):
     top = max(r[0] for r in rows)
     want = max((r for r in rows if r[0] >= top * (1 - 1e-9)),
                key=lambda r: (-abs(r[1] - r[2]), r[1], r[2]))
-    res = uniform(task["model"], cost, budget, BITS, BITS, fixed)
+    res = uniform(cost, budget, BITS, BITS, fixed)
     assert (res.info["w_bits"], res.info["a_bits"]) == want[1:]
     assert res.policy.layers[cost.names[0]] == fixed[cost.names[0]]
 
@@ -162,7 +162,7 @@ def test_infeasible_budget_raises_everywhere(task):
     m, cost, fixed, s = task["model"], task["cost"], task["fixed"], task["splits"]
     budget = Budget.parse("bitops=1")
     with pytest.raises(SmpqError, match="cheapest"):
-        uniform(m, cost, budget, BITS, BITS, fixed)
+        uniform(cost, budget, BITS, BITS, fixed)
     calls = [
         lambda: hawq(m, cost, budget, s.train, s.val, W_SPECS, A_SPECS, fixed,
                      cfg=HutchinsonConfig(max_iters=2, min_iters=2)),

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from smpq import strategy
 from smpq.errors import SmpqError
 
 app = typer.Typer(
@@ -102,22 +103,21 @@ def _policy_from_args(names, policy: Path | None, uniform: str | None, pin: bool
     return Policy.uniform(names, *parse_bits_pair(uniform), pinned=pinned)
 
 
+def _either(names: tuple[str, ...]) -> str:
+    """'a, b or c'."""
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else "".join(names)
+
+
 def _table(title: str, rows: list[dict], columns: list[str]) -> Table:
+    from smpq.workflows import fmt_cell
+
     t = Table(title=title)
     for c in columns:
         left = c in ("layer", "policy", "kind", "constraint", "stage")
         t.add_column(c, justify="left" if left else "right")
     for r in rows:
-        t.add_row(*[_fmt(r.get(c)) for c in columns])
+        t.add_row(*[fmt_cell(r.get(c)) for c in columns])
     return t
-
-
-def _fmt(v) -> str:
-    if isinstance(v, bool):
-        return "yes" if v else "NO"
-    if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
-    return "" if v is None else str(v)
 
 
 # -- commands ------------------------------------------------------------------------------
@@ -202,11 +202,13 @@ def quantize(
 ) -> None:
     """Apply a policy, optionally finetune with QAT, and report accuracy, size, BitOps."""
     from smpq.cost import trace_costs
+    from smpq.workflows import evaluate_policy
 
     net, splits, _ = fp_model(data, model, checkpoint, cache)
     mc = trace_costs(net, splits.val[0][0][None])
     pol = _policy_from_args(mc.names, policy, uniform, pin)
-    row, qnet = evaluate_policy(net, splits, mc, pol, qat_epochs=qat_epochs, seed=seed)
+    row, qnet = evaluate_policy(net, splits, mc, pol, qat_epochs=qat_epochs, seed=seed,
+                                progress=progress_bar)
     console.print(_table("result", [row], list(row)))
     if out is not None:
         from smpq.cnn.train import save_checkpoint
@@ -216,28 +218,6 @@ def quantize(
         atomic_write_text(out / "metrics.json", json.dumps(row, indent=2) + "\n")
         save_checkpoint(out / "model", qnet, {"dataset": splits.name, "policy": pol.to_dict()})
         console.print(f"wrote {out}")
-
-
-def evaluate_policy(net, splits, mc, pol, *, qat_epochs: int = 0, seed: int = 0, label=None):
-    """PTQ (and optional QAT) of one policy; returns a result row and the quantized model."""
-    from smpq.cnn.pipeline import calibration_batches, ptq, qat
-    from smpq.cnn.train import evaluate
-    from smpq.compare import finetune_config
-
-    calib = calibration_batches(splits.train, seed=seed)
-    if qat_epochs:
-        with progress_bar(f"QAT {label or ''}", qat_epochs) as bar:
-            qnet = qat(net, pol, splits.train, finetune_config(qat_epochs, seed), calib,
-                       progress=bar)
-    else:
-        qnet = ptq(net, pol, calib)
-    val_acc, _ = evaluate(qnet, splits.val)
-    test_acc, _ = evaluate(qnet, splits.test)
-    m = mc.metrics(pol)
-    row = {"policy": label or pol.meta.get("name", "policy"), "val_acc": val_acc,
-           "test_acc": test_acc, "size_kib": m["size"] / 8 / 1024,
-           "mbitops": m["bitops"] / 1e6, "avg_bits": m["avg_bits"]}
-    return row, qnet
 
 
 SEARCH_HELP = "Search epochs (the first half trains weights only)."
@@ -285,9 +265,8 @@ def search(
 ) -> None:
     """Search a mixed-precision policy under a budget (SMPQ or DMPQ), finetune, report."""
     from smpq.cnn.pipeline import default_pinned
-    from smpq.cnn.search import search as run_search
-    from smpq.compare import best_uniform, outcome_result, policy_row
     from smpq.cost import Budget, trace_costs
+    from smpq.workflows import ROW_COLS, run_search
 
     cfg = _search_config(method, epochs, permutations, truncation, antithetic, value, derive,
                          renormalise, w_bits, a_bits, seed)
@@ -295,51 +274,16 @@ def search(
     net, splits, _ = fp_model(data, model, checkpoint, cache, data_dir=data_dir)
     mc = trace_costs(net, splits.val[0][0][None])
     fixed = default_pinned(mc.names) if pin else {}
-    with progress_bar(f"{method} search", cfg.epochs) as bar:
-        outcome = run_search(net, splits.train, splits.val, mc, bud, cfg, fixed=fixed, out=out,
-                             resume=resume, progress=lambda k, d, t: bar(d, t) if k == "epoch"
-                             else None)
-    results = [outcome_result(method, outcome)]
-    if compare:
-        results.append(best_uniform(mc, bud, cfg.w_bits, cfg.a_bits, fixed))
-    rows = [policy_row(net, splits, mc, r, finetune_epochs=finetune_epochs, seed=seed)
-            for r in results]
-    write_search_outputs(out, outcome, rows, bud, mc, fixed)
+    rows = run_search(net, splits, mc, bud, cfg, fixed, out=out, resume=resume, compare=compare,
+                      finetune_epochs=finetune_epochs, seed=seed, progress=progress_bar)
     console.print(_table(f"{method} at {bud}", rows, ROW_COLS))
     console.print(f"wrote {out}/policy.json, contributions.json, report.html")
-
-
-ROW_COLS = ["method", "ptq_val_acc", "val_acc", "test_acc", "bitops", "avg_bits",
-            "search_seconds", "evaluations", "binding"]
-
-
-def write_search_outputs(out: Path, outcome, rows, budget, mc, fixed) -> None:
-    """policy.json, contributions.json, search_log.jsonl, summary.json, report.html + PNGs."""
-    from smpq.fileio import atomic_write_text
-    from smpq.report import write_report
-
-    outcome.policy.save(out / "policy.json")
-    atomic_write_text(out / "contributions.json", json.dumps(outcome.contributions, indent=1))
-    atomic_write_text(out / "search_log.jsonl",
-                      "".join(json.dumps(h) + "\n" for h in outcome.history))
-    binding = set(outcome.derivation.summary()["binding"])
-    brows = [{**r, "binding": r["metric"] in binding}
-             for r in budget.check(mc, outcome.policy, fixed)]
-    atomic_write_text(out / "summary.json", json.dumps(
-        {"rows": rows, "budget": brows, "policy_meta": dict(outcome.policy.meta)}, indent=2))
-    comparison = [{"method": r["method"], "val_acc": r["val_acc"], "test_acc": r["test_acc"],
-                   "bitops": r["bitops"], "size_bits": r["size_bits"],
-                   "avg_bits": r["avg_bits"]} for r in rows]
-    write_report(out, title=f"{outcome.policy.meta.get('method', 'search')} at {budget}",
-                 policy=outcome.policy, contributions=outcome.contributions,
-                 comparison=comparison, budget=brows)
 
 
 @app.command()
 def compare(
     budget: str = typer.Option("bitops=uniform:3/3", help="Budget, e.g. bitops=uniform:3/3."),
-    methods: str = typer.Option(",".join(("uniform", "hawq", "oat_high", "oat_low", "greedy",
-                                          "random", "smpq", "dmpq")),
+    methods: str = typer.Option(",".join(strategy.names("cnn", listed_only=True)),
                                 help="Comma-separated methods to compare."),
     out: Path = typer.Option(Path("runs/compare"), help="Output folder."),
     data: str = DataOpt, model: str = ModelOpt, checkpoint: Path = CkptOpt,
@@ -353,37 +297,24 @@ def compare(
 ) -> None:
     """Every allocation method side by side on your model and data at one budget."""
     from smpq.cnn.pipeline import default_pinned
-    from smpq.compare import COMPARE_METHODS, policy_row, run_method
+    from smpq.compare import compare_methods
     from smpq.cost import Budget, trace_costs
-    from smpq.fileio import atomic_write_text
-    from smpq.report import plot_tradeoff
+    from smpq.workflows import ROW_COLS, run_compare
 
+    known = compare_methods()
     wanted = [m.strip() for m in methods.split(",") if m.strip()]
-    unknown = [m for m in wanted if m not in COMPARE_METHODS]
+    unknown = [m for m in wanted if m not in known]
     if unknown or not wanted:
-        raise SmpqError(f"unknown method(s) {unknown}; known: {', '.join(COMPARE_METHODS)}")
+        raise SmpqError(f"unknown method(s) {unknown}; known: {', '.join(known)}")
     cfg = _search_config("smpq", epochs, 10, 0.5, False, "acc", "milp", False, w_bits, a_bits,
                          seed)
     bud = Budget.parse(budget)
     net, splits, _ = fp_model(data, model, checkpoint, cache, data_dir=data_dir)
     mc = trace_costs(net, splits.val[0][0][None])
     fixed = default_pinned(mc.names) if pin else {}
-    rows, smpq_evals = [], 100
-    # SMPQ first, so that random search gets the same number of validation passes
-    for method in sorted(wanted, key=lambda m: m != "smpq"):
-        with progress_bar(method, 1) as bar:
-            res, _ = run_method(method, net, splits, mc, bud, fixed, cfg,
-                                n_evaluations=smpq_evals)
-            bar(1, 1)
-        if method == "smpq":
-            smpq_evals = max(res.evaluations, 1)
-        rows.append(policy_row(net, splits, mc, res, finetune_epochs=finetune_epochs, seed=seed))
-        res.policy.save(out / "policies" / f"{method}.json")
+    rows = run_compare(wanted, net, splits, mc, bud, fixed, cfg, out=out,
+                       finetune_epochs=finetune_epochs, seed=seed, progress=progress_bar)
     console.print(_table(f"methods at {bud}", rows, ROW_COLS))
-    atomic_write_text(out / "compare.json", json.dumps({"budget": str(bud), "rows": rows},
-                                                       indent=2))
-    atomic_write_text(out / "compare.md", _markdown(rows, ROW_COLS))
-    plot_tradeoff([{**r, "method": r["method"]} for r in rows], out / "compare.png")
     console.print(f"wrote {out}/compare.json, compare.md, compare.png and policies/")
 
 
@@ -398,11 +329,8 @@ def run(
 ) -> None:
     """The main job: float model (cached), SMPQ and DMPQ at one budget vs uniform."""
     from smpq.cnn.pipeline import default_pinned
-    from smpq.cnn.train import evaluate
-    from smpq.compare import policy_row, run_method
     from smpq.cost import Budget, trace_costs
-    from smpq.fileio import atomic_write_text
-    from smpq.policy import Policy
+    from smpq.workflows import ROW_COLS, run_default
 
     bud = Budget.parse(budget)
     net, splits, meta = fp_model(data, model, None, cache, seed=seed)
@@ -410,49 +338,13 @@ def run(
     fixed = default_pinned(mc.names)
     cfg = _search_config("smpq", epochs, 10, 0.5, False, "acc", "milp", False,
                          "2,3,4,8", "2,3,4,8", seed)
-    fp_val, _ = evaluate(net, splits.val)
-    fp_test, _ = evaluate(net, splits.test)
-    fp_m = mc.metrics(Policy(dict.fromkeys(mc.names)))
-    rows = [{"method": "float32", "ptq_val_acc": fp_val, "val_acc": fp_val, "test_acc": fp_test,
-             "bitops": fp_m["bitops"], "avg_bits": fp_m["avg_bits"], "size_bits": fp_m["size"]}]
-    outcomes = {}
-    for method in ("smpq", "dmpq", "uniform"):
-        if method == "uniform":
-            res, outcome = run_method(method, net, splits, mc, bud, fixed, cfg)
-        else:
-            with progress_bar(f"{method} search", cfg.epochs) as bar:
-                res, outcome = run_method(
-                    method, net, splits, mc, bud, fixed, cfg, out=out / method,
-                    progress=lambda k, d, t, bar=bar: bar(d, t) if k == "epoch" else None)
-        outcomes[method] = outcome
-        rows.append(policy_row(net, splits, mc, res, finetune_epochs=finetune_epochs,
-                               seed=seed))
-    for method in ("smpq", "dmpq"):
-        write_search_outputs(out / method, outcomes[method], rows, bud, mc, fixed)
-    _alpha_vs_shapley(out, outcomes["dmpq"], outcomes["smpq"])
-    title = f"{model} on {data}, budget {bud} (first/last layer pinned at 8/8)"
-    console.print(_table(title, rows, ROW_COLS))
-    result = {"data": data, "model": model, "budget": str(bud),
-              "fp_checkpoint": meta.get("cache_key"), "search": cfg.to_dict(),
-              "finetune_epochs": finetune_epochs, "seed": seed, "rows": rows}
-    atomic_write_text(out / "results.json", json.dumps(result, indent=2) + "\n")
-    atomic_write_text(out / "results.md", _markdown(rows, ROW_COLS))
-    console.print(f"wrote {out}/results.json, results.md and {out}/smpq/report.html")
-
-
-def _alpha_vs_shapley(out: Path, dmpq, smpq) -> None:
-    """The paper's point: where DMPQ's alpha and SMPQ's Shapley values choose differently."""
-    from smpq.fileio import atomic_write_text
-    from smpq.report import alpha_shapley_agreement, plot_alpha_vs_shapley
-
-    merged = {"players": smpq.contributions["players"],
-              "layers": dmpq.contributions["layers"]}
-    plot_alpha_vs_shapley(merged, out / "dmpq_alpha_vs_smpq_shapley.png")
-    rows = alpha_shapley_agreement(merged)
-    atomic_write_text(out / "dmpq_alpha_vs_smpq_shapley.json", json.dumps(rows, indent=1))
-    agree = sum(r["alpha_choice_bits"] == r["shapley_choice_bits"] for r in rows)
+    res = run_default(net, splits, meta, mc, bud, cfg, fixed, out=out, data=data, model=model,
+                      finetune_epochs=finetune_epochs, seed=seed, progress=progress_bar)
     console.print(f"DMPQ's alpha and SMPQ's Shapley values pick the same bit-width in "
-                  f"{agree} of {len(rows)} (layer, weight/activation) decisions")
+                  f"{res.agree} of {res.decisions} (layer, weight/activation) decisions")
+    title = f"{model} on {data}, budget {bud} (first/last layer pinned at 8/8)"
+    console.print(_table(title, res.rows, ROW_COLS))
+    console.print(f"wrote {out}/results.json, results.md and {out}/smpq/report.html")
 
 
 @app.command()
@@ -461,8 +353,7 @@ def ptq(
                               "or a local Hugging Face folder."),
     budget: str = typer.Option("avg_bits=3", help="e.g. avg_bits=3.5, eff_bits=4, size=2MB."),
     backend: str = typer.Option("rtn", help="rtn, gptq, awq_rtn or awq_gptq."),
-    method: str = typer.Option("shapley", help="shapley, shapley_pairwise, shapley_literal, "
-                               "uniform, hessian, fisher, gradxdw or relerr."),
+    method: str = typer.Option("shapley", help=_either(strategy.names("transformer")) + "."),
     out: Path = typer.Option(Path("runs/ptq"), help="Output folder."),
     candidates: str = typer.Option("int2g32,int3g32,int4g32,int8g32",
                                    help="Weight formats to choose from."),
@@ -474,13 +365,6 @@ def ptq(
 
     console.print(ptq_command(model=model, budget=budget, backend=backend, method=method,
                               out=str(out), resume=resume, seed=seed, candidates=candidates))
-
-
-def _markdown(rows: list[dict], cols: list[str]) -> str:
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def main() -> None:

@@ -6,52 +6,43 @@ finetune (same epochs, seed, distillation), so only the allocation differs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import replace
+from collections.abc import Callable
 
 from torch import nn
 
+from smpq import strategy
 from smpq.cnn.data import Splits
 from smpq.cnn.pipeline import calibration_batches, ptq, qat
-from smpq.cnn.search.baselines import uniform
-from smpq.cnn.search.common import StrategyResult
-from smpq.cnn.search.supernet_search import METHODS, SearchConfig, SearchOutcome, search
+from smpq.cnn.search.baselines import best_uniform
+from smpq.cnn.search.supernet_search import SearchConfig, SearchOutcome
 from smpq.cnn.train import TrainConfig, evaluate
 from smpq.cost import Budget, ModelCost
-from smpq.errors import SmpqError
-from smpq.policy import Policy
 from smpq.spec import LayerChoice, act_spec, weight_spec
+from smpq.strategy import SearchProblem, StrategyResult
 
 __all__ = [
     "COMPARE_METHODS",
     "best_uniform",
+    "compare_methods",
     "finetune_config",
     "outcome_result",
     "policy_row",
+    "policy_row_and_model",
     "run_method",
 ]
 
-COMPARE_METHODS = ("uniform", "hawq", "oat_high", "oat_low", "greedy", "random", "smpq", "dmpq")
+
+def compare_methods() -> tuple[str, ...]:
+    """The CNN strategies compared by default: every listed one in the registry."""
+    return strategy.names("cnn", listed_only=True)
 
 
-def best_uniform(
-    cost: ModelCost,
-    budget: Budget,
-    w_bits: Sequence[int],
-    a_bits: Sequence[int],
-    fixed: dict[str, LayerChoice | None],
-) -> StrategyResult:
-    """The most expensive uniform W/A pair that fits the budget, named 'uniform W/A'."""
-    res = uniform(None, cost, budget, w_bits, a_bits, fixed)
-    name = f"uniform {res.info['w_bits']}/{res.info['a_bits']}"
-    res.name = name
-    res.policy = Policy(res.policy.layers, meta={"method": name, "budget": str(budget)})
-    return res
+COMPARE_METHODS = compare_methods()
 
 
 def outcome_result(name: str, out: SearchOutcome) -> StrategyResult:
     return StrategyResult(name, out.policy, out.seconds, out.evaluations, out.forward_seconds,
-                          info=out.derivation.summary())
+                          info=out.derivation.summary(), detail=out)
 
 
 def finetune_config(epochs: int, seed: int = 0) -> TrainConfig:
@@ -59,7 +50,7 @@ def finetune_config(epochs: int, seed: int = 0) -> TrainConfig:
     return TrainConfig(epochs=epochs, lr=1e-3, kd_weight=0.5, seed=seed)
 
 
-def policy_row(
+def policy_row_and_model(
     model: nn.Module,
     splits: Splits,
     cost: ModelCost,
@@ -68,8 +59,8 @@ def policy_row(
     finetune_epochs: int,
     seed: int = 0,
     progress: Callable | None = None,
-) -> dict:
-    """Post-training and finetuned accuracy of one strategy's policy, with its costs."""
+) -> tuple[dict, nn.Module]:
+    """`policy_row` and the quantized (and finetuned, if asked) model it scored."""
     calib = calibration_batches(splits.train, seed=seed)
     pol = result.policy
     q = ptq(model, pol, calib)
@@ -86,7 +77,22 @@ def policy_row(
                 "search_seconds": result.seconds, "evaluations": result.evaluations,
                 "forward_share": result.forward_seconds / result.seconds if result.seconds else 0.0,
                 "binding": ",".join(result.info.get("binding", []))})
-    return row
+    return row, q
+
+
+def policy_row(
+    model: nn.Module,
+    splits: Splits,
+    cost: ModelCost,
+    result: StrategyResult,
+    *,
+    finetune_epochs: int,
+    seed: int = 0,
+    progress: Callable | None = None,
+) -> dict:
+    """Post-training and finetuned accuracy of one strategy's policy, with its costs."""
+    return policy_row_and_model(model, splits, cost, result, finetune_epochs=finetune_epochs,
+                                seed=seed, progress=progress)[0]
 
 
 def run_method(
@@ -97,33 +103,18 @@ def run_method(
     budget: Budget,
     fixed: dict[str, LayerChoice | None],
     cfg: SearchConfig,
-    **search_kw,
+    **options,
 ) -> tuple[StrategyResult, SearchOutcome | None]:
-    """One of COMPARE_METHODS at this budget, with cfg's candidates and seed.
+    """The registered CNN strategy `method` at this budget, with cfg's candidates and seed.
 
-    'random' gets `n_evaluations` (default 100) validation passes; pass SMPQ's count for a
-    like-for-like comparison.
+    `options` reach the strategy as `SearchProblem.options` (see smpq.cnn.search.baselines),
+    with cfg as "config": 'random' gets `n_evaluations` (default 100) validation passes (pass
+    SMPQ's count for a like-for-like comparison); smpq/dmpq take `out`, `resume`, `progress`.
     """
-    if method == "uniform":
-        return best_uniform(cost, budget, cfg.w_bits, cfg.a_bits, fixed), None
-    if method not in COMPARE_METHODS:
-        raise SmpqError(f"unknown method {method!r}; known: {', '.join(COMPARE_METHODS)}")
-    if method not in METHODS:
-        from smpq.cnn.search import baselines as b
-
-        w_specs = [weight_spec(x) for x in cfg.w_bits]
-        a_specs = [act_spec(x) for x in cfg.a_bits]
-        args = (model, cost, budget, splits.train, splits.val, w_specs, a_specs, fixed)
-        kw = {"seed": cfg.seed}
-        if method == "hawq":
-            return b.hawq(*args), None
-        if method.startswith("oat_"):
-            return b.one_at_a_time(*args, reference=method[4:], **kw), None
-        if method == "greedy":
-            return b.greedy(*args, **kw), None
-        n = int(search_kw.get("n_evaluations", 100))
-        return b.random_search(*args, n_evaluations=n, **kw), None
-    search_kw.pop("n_evaluations", None)
-    out = search(model, splits.train, splits.val, cost, budget, replace(cfg, method=method),
-                 fixed=fixed, **search_kw)
-    return outcome_result(method, out), out
+    fn = strategy.get(method, "cnn")
+    problem = SearchProblem(
+        model, cost, budget, tuple(weight_spec(x) for x in cfg.w_bits),
+        tuple(act_spec(x) for x in cfg.a_bits), train=splits.train, val=splits.val,
+        fixed=fixed, seed=cfg.seed, options={"config": cfg, **options})
+    res = fn(problem)
+    return res, res.detail if isinstance(res.detail, SearchOutcome) else None

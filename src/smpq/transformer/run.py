@@ -35,24 +35,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from smpq import strategy
 from smpq.alloc import Allocation
 from smpq.cost import Budget, ModelCost
 from smpq.errors import SmpqError
 from smpq.fileio import atomic_write_text
 from smpq.shapley import ShapleyResult
+from smpq.strategy import SearchProblem
 from smpq.transformer.mixed import (
     DEFAULT_CANDIDATES,
     MixedConfig,
     ProgressiveGame,
-    allocate_groups,
-    allocate_pairwise,
     build_candidates,
-    choice_policy,
-    choice_scores,
     estimate_contributions,
     group_costs,
-    interaction_matrix,
-    pairwise_lambda,
     parse_candidates,
     spec_key,
 )
@@ -62,14 +58,13 @@ from smpq.transformer.scores import (
     contrastive_loss,
     gradient_moments,
     lm_loss,
-    uniform_choice,
 )
 
 __all__ = ["ALL_METHODS", "PTQSession", "RunSettings", "ptq_command", "run_ptq"]
 
 log = logging.getLogger(__name__)
 
-ALL_METHODS = ("shapley", "shapley_pairwise", "shapley_literal", *METHODS)
+ALL_METHODS = strategy.names("transformer")  # registered in smpq.transformer.strategies
 STATS_BACKENDS = ("gptq", "awq_rtn", "awq_gptq")
 Progress = Callable[[str, int, int], None]
 
@@ -300,14 +295,10 @@ class PTQSession:
     def allocate(self, method: str, scores: Any, budget: Budget,
                  result: ShapleyResult | None = None, config: MixedConfig = MixedConfig()
                  ) -> Allocation | tuple[int, ...]:
-        costs, limits = self.budget_costs(budget)
-        if method == "uniform":
-            return uniform_choice(costs, limits)
-        if method == "shapley_pairwise" or (method == "shapley" and config.interactions):
-            k = interaction_matrix(result, config.shrinkage)
-            return allocate_pairwise(result.estimate, k, costs, limits, len(self.specs),
-                                     pairwise_lambda(k, config.risk))
-        return allocate_groups(scores, costs, limits)
+        """Allocate precomputed scores as the registered `method` does (nothing measured)."""
+        problem = SearchProblem(self, self.cost, budget, self.specs, options={
+            "scores": scores, "shapley_result": result, "config": config})
+        return strategy.get(method, "transformer")(problem).detail.allocation
 
     def evaluate(self, choice: tuple[int, ...]) -> dict[str, float]:
         """Validation (search objective) and test metrics of one group choice."""
@@ -395,8 +386,7 @@ def run_ptq(model: str, budget: str | Budget, backend: str = "rtn", method: str 
             settings: RunSettings = RunSettings()) -> dict:
     """Allocate formats for `model` ("tiny-lm", "minilm" or a local HF folder) under
     `budget` (e.g. "avg_bits=3.5"), evaluate, write the files; returns the summary."""
-    if method not in ALL_METHODS:
-        raise SmpqError(f"unknown method {method!r}; known: {', '.join(ALL_METHODS)}")
+    find = strategy.get(method, "transformer")
     budget = Budget.parse(budget) if isinstance(budget, str) else budget
     config = replace(settings.shapley, seed=seed)
     out = Path(out)
@@ -405,20 +395,12 @@ def run_ptq(model: str, budget: str | Budget, backend: str = "rtn", method: str 
     limits = session.check(budget)
     session.prepare()
     session.progress("score", 0, 1)
-    result, errors = None, None
-    if method.startswith("shapley"):
-        ladder = method != "shapley_literal"
-        result, _, score_cost = session.shapley(config, out / "shapley_state.json", resume,
-                                                ladder)
-        scores = choice_scores(result.estimate, len(session.groups), len(session.specs))
-    else:
-        scores, errors, score_cost = session.baseline(method)
-    session.progress("allocate", 0, 1)
-    alloc = session.allocate(method, scores, budget, result, config)
-    choice = alloc if isinstance(alloc, tuple) else alloc.choice
-    policy = choice_policy(session.groups, session.specs, choice, meta={
-        "method": method, "backend": backend, "budget": str(budget), "model": model,
-        "candidates": list(session.candidates.keys), "seed": seed})
+    found = find(SearchProblem(session, session.cost, budget, session.specs, seed=seed, options={
+        "config": config, "state_path": out / "shapley_state.json", "resume": resume}))
+    d = found.detail
+    alloc, choice, scores, result, errors, score_cost = (
+        d.allocation, d.choice, d.scores, d.shapley, d.errors, d.cost)
+    policy = found.policy
     session.progress("evaluate", 0, 1)
     metrics = session.evaluate(choice)
     session.progress("write", 0, 1)

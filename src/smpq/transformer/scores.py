@@ -48,14 +48,14 @@ from smpq.fileio import atomic_save_safetensors
 from smpq.spec import FLOAT_FORMATS, Granularity, QuantSpec
 
 __all__ = [
-    "CONTRASTIVE_SCALE", "DEFAULT_CANDIDATES", "METHODS", "Candidates", "ScoreResult",
+    "CONTRASTIVE_SCALE", "DEFAULT_CANDIDATES", "LAYER_ERRORS", "METHODS", "Candidates",
+    "ScoreResult",
     "baseline_scores", "build_candidates", "contrastive_loss", "gradient_moments",
     "group_scores", "hessian_errors", "layer_errors", "lm_loss", "parse_candidates",
     "spec_key", "uniform_choice",
 ]
 
 DEFAULT_CANDIDATES = "int2g32,int3g32,int4g32,int8g32"
-METHODS = ("uniform", "hessian", "fisher", "gradxdw", "relerr")
 CONTRASTIVE_SCALE = 20.0
 LossFn = Callable[[nn.Module, Any], Tensor]
 Progress = Callable[[str, int, int], None]
@@ -285,31 +285,58 @@ def hessian_errors(w: Tensor, qs: Sequence[Tensor], h: Tensor) -> list[float]:
     return [float(((d @ h) * d).sum()) for d in (q.double() - w.double() for q in qs)]
 
 
+def _hessian_errors(name: str, w: Tensor, qs: Sequence[Tensor], stats: Mapping | None,
+                    moments: Mapping | None) -> list[float]:
+    return hessian_errors(w, qs, _hessian(stats, name, "hessian"))
+
+
+def _relerr_errors(name: str, w: Tensor, qs: Sequence[Tensor], stats: Mapping | None,
+                   moments: Mapping | None) -> list[float]:
+    h = _hessian(stats, name, "relerr")
+    base = hessian_errors(torch.zeros_like(w), [w], h)[0]
+    return [w.numel() * math.sqrt(max(e, 0.0) / max(base, 1e-30))
+            for e in hessian_errors(w, qs, h)]
+
+
+def _moment(method: str, key: str, name: str, moments: Mapping | None) -> Tensor:
+    if moments is None or name not in moments:
+        raise SmpqError(f"{method} scores need gradient moments for layer {name!r}")
+    return moments[name][key]
+
+
+def _fisher_errors(name: str, w: Tensor, qs: Sequence[Tensor], stats: Mapping | None,
+                   moments: Mapping | None) -> list[float]:
+    g = _moment("fisher", "grad_sq", name, moments)
+    return [float((g * (q.double() - w).square()).sum()) for q in qs]
+
+
+def _gradxdw_errors(name: str, w: Tensor, qs: Sequence[Tensor], stats: Mapping | None,
+                    moments: Mapping | None) -> list[float]:
+    g = _moment("gradxdw", "grad", name, moments)
+    return [float((g * (q.double() - w)).abs().sum()) for q in qs]
+
+
+# Per-layer error of each baseline (the table in the module docstring), in METHODS order.
+LAYER_ERRORS: dict[str, Callable[..., list[float]]] = {
+    "hessian": _hessian_errors, "fisher": _fisher_errors, "gradxdw": _gradxdw_errors,
+    "relerr": _relerr_errors,
+}
+METHODS = ("uniform", *LAYER_ERRORS)
+
+
 def layer_errors(method: str, linears: Mapping[str, nn.Linear], candidates: Candidates, *,
                  stats: Mapping[str, Any] | None = None,
                  moments: Mapping[str, Mapping[str, Tensor]] | None = None
                  ) -> dict[str, list[float]]:
     """Per layer, per candidate (ladder order) the method's error; lower is better."""
+    if method not in LAYER_ERRORS:
+        raise SmpqError(f"unknown score method {method!r}; known: {', '.join(METHODS)}")
+    fn = LAYER_ERRORS[method]
     out = {}
     for name, layer in linears.items():
         w = layer.weight.detach().double()
-        qs = [candidates.weights[name][k] for k in candidates.keys]
-        if method in ("hessian", "relerr"):
-            errs = hessian_errors(w, qs, _hessian(stats, name, method))
-            if method == "relerr":
-                base = hessian_errors(torch.zeros_like(w), [w], _hessian(stats, name, method))[0]
-                errs = [w.numel() * math.sqrt(max(e, 0.0) / max(base, 1e-30)) for e in errs]
-        elif method in ("fisher", "gradxdw"):
-            if moments is None or name not in moments:
-                raise SmpqError(f"{method} scores need gradient moments for layer {name!r}")
-            key = "grad_sq" if method == "fisher" else "grad"
-            g = moments[name][key]
-            dws = [q.double() - w for q in qs]
-            errs = [float((g * d.square()).sum()) if method == "fisher"
-                    else float((g * d).abs().sum()) for d in dws]
-        else:
-            raise SmpqError(f"unknown score method {method!r}; known: {', '.join(METHODS)}")
-        out[name] = errs
+        out[name] = fn(name, w, [candidates.weights[name][k] for k in candidates.keys], stats,
+                       moments)
     return out
 
 

@@ -1,6 +1,10 @@
-"""Search strategies: from a model, data and a budget to a mixed-precision policy."""
+"""Search strategies: from a model, data and a budget to a mixed-precision policy.
+
+Each is registered in `smpq.strategy` (kind "cnn", see baselines.py); look them up there.
+"""
 
 from smpq.cnn.search.baselines import (
+    best_uniform,
     greedy,
     hawq,
     interaction_analysis,
@@ -16,6 +20,7 @@ from smpq.cnn.search.supernet_search import METHODS, SearchConfig, SearchOutcome
 __all__ = [
     "METHODS",
     "StrategyResult",
+    "best_uniform",
     "greedy",
     "hawq",
     "interaction_analysis",

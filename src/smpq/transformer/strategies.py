@@ -1,0 +1,154 @@
+"""The transformer allocation methods, registered for `smpq.strategy` (kind "transformer").
+
+`problem.model` is a `PTQSession` (`prepare()`d before scoring) and `problem.w_specs` its
+candidate formats. Each method scores every (group, candidate) and allocates the scores:
+
+| name             | scores                                      | allocation                 |
+|------------------|---------------------------------------------|----------------------------|
+| shapley          | progressive-game Shapley values (ladder)    | exact MILP (pairwise with  |
+|                  |                                             | `config.interactions`)     |
+| shapley_pairwise | the same values                             | pairwise MILP              |
+| shapley_literal  | Shapley values of the literal game          | exact MILP                 |
+| uniform          | candidate ranks                             | highest uniform that fits  |
+| hessian, fisher, | per-layer errors (smpq.transformer.scores)  | exact MILP                 |
+| gradxdw, relerr  |                                             |                            |
+
+Options: `config` (MixedConfig; its seed is replaced by the problem's), `state_path` and
+`resume` (Shapley sampling state); `scores` (+ `shapley_result`, `score_cost`) to allocate
+precomputed scores without measuring anything, as `PTQSession.allocate` does.
+`result.detail` is an `Allocated`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from smpq.alloc import Allocation
+from smpq.cost import Budget
+from smpq.shapley import ShapleyResult
+from smpq.strategy import SearchProblem, StrategyResult, register
+from smpq.transformer.mixed import (
+    MixedConfig,
+    allocate_groups,
+    allocate_pairwise,
+    choice_policy,
+    choice_scores,
+    interaction_matrix,
+    pairwise_lambda,
+)
+from smpq.transformer.scores import METHODS, spec_key, uniform_choice
+
+__all__ = ["Allocated"]
+
+Scores = tuple[np.ndarray, ...]
+Scored = tuple[Scores, dict | None, ShapleyResult | None, dict]
+Allocator = Callable[[Any, Scores, Budget, ShapleyResult | None, MixedConfig],
+                     Allocation | tuple[int, ...]]
+
+
+@dataclass
+class Allocated:
+    """What a transformer strategy found: the group choice and everything behind it."""
+
+    choice: tuple[int, ...]
+    allocation: Allocation | tuple[int, ...]  # the allocator's answer (uniform: the choice)
+    scores: Scores
+    errors: dict | None  # per-layer errors of the error baselines
+    shapley: ShapleyResult | None
+    cost: dict  # seconds, forward_passes, backward_passes, ...
+
+
+def _config(p: SearchProblem) -> MixedConfig:
+    return replace(p.options.get("config", MixedConfig()), seed=p.seed)
+
+
+def _given(p: SearchProblem) -> Scored | None:
+    o = p.options
+    if o.get("scores") is None:
+        return None
+    cost = o.get("score_cost") or {"seconds": 0.0, "forward_passes": 0, "backward_passes": 0}
+    return o["scores"], None, o.get("shapley_result"), cost
+
+
+def _shapley_scores(ladder: bool) -> Callable[[SearchProblem], Scored]:
+    def score(p: SearchProblem) -> Scored:
+        s = p.model
+        result, _, cost = s.shapley(_config(p), p.options.get("state_path"),
+                                    p.options.get("resume", False), ladder)
+        return choice_scores(result.estimate, len(s.groups), len(s.specs)), None, result, cost
+
+    return score
+
+
+def _baseline_scores(method: str) -> Callable[[SearchProblem], Scored]:
+    def score(p: SearchProblem) -> Scored:
+        scores, errors, cost = p.model.baseline(method)
+        return scores, errors, None, cost
+
+    return score
+
+
+def _milp(s: Any, scores: Scores, budget: Budget, result: ShapleyResult | None,
+          config: MixedConfig) -> Allocation:
+    costs, limits = s.budget_costs(budget)
+    return allocate_groups(scores, costs, limits)
+
+
+def _pairwise(s: Any, scores: Scores, budget: Budget, result: ShapleyResult | None,
+              config: MixedConfig) -> Allocation:
+    costs, limits = s.budget_costs(budget)
+    k = interaction_matrix(result, config.shrinkage)
+    return allocate_pairwise(result.estimate, k, costs, limits, len(s.specs),
+                             pairwise_lambda(k, config.risk))
+
+
+def _shapley_alloc(s: Any, scores: Scores, budget: Budget, result: ShapleyResult | None,
+                   config: MixedConfig) -> Allocation:
+    return (_pairwise if config.interactions else _milp)(s, scores, budget, result, config)
+
+
+def _uniform(s: Any, scores: Scores, budget: Budget, result: ShapleyResult | None,
+             config: MixedConfig) -> tuple[int, ...]:
+    costs, limits = s.budget_costs(budget)
+    return uniform_choice(costs, limits)
+
+
+def _strategy(name: str, score: Callable[[SearchProblem], Scored], allocate: Allocator
+              ) -> Callable[[SearchProblem], StrategyResult]:
+    def run(p: SearchProblem) -> StrategyResult:
+        s, given = p.model, _given(p)
+        scores, errors, result, cost = given or score(p)
+        if given is None:
+            s.progress("allocate", 0, 1)
+        alloc = allocate(s, scores, p.budget, result, p.options.get("config", MixedConfig()))
+        choice = alloc if isinstance(alloc, tuple) else alloc.choice
+        policy = choice_policy(s.groups, s.specs, choice, meta={
+            "method": name, "backend": s.backend, "budget": str(p.budget),
+            "model": s.model_name, "candidates": [spec_key(x) for x in s.specs],
+            "seed": p.seed})
+        info = {"search_cost": cost,
+                "binding": list(alloc.binding) if isinstance(alloc, Allocation) else []}
+        return StrategyResult(name, policy, float(cost.get("seconds", 0.0)),
+                              int(cost.get("forward_passes", 0)), 0.0, info,
+                              detail=Allocated(choice, alloc, scores, errors, result, cost))
+
+    run.__name__ = f"{name}_strategy"
+    return run
+
+
+register("shapley", kind="transformer")(_strategy("shapley", _shapley_scores(True),
+                                                  _shapley_alloc))
+register("shapley_pairwise", kind="transformer")(
+    _strategy("shapley_pairwise", _shapley_scores(True), _pairwise))
+register("shapley_literal", kind="transformer")(
+    _strategy("shapley_literal", _shapley_scores(False), _milp))
+register("uniform", kind="transformer")(
+    _strategy("uniform", _baseline_scores("uniform"), _uniform))
+for _method in METHODS[1:]:  # hessian, fisher, gradxdw, relerr: scores.LAYER_ERRORS
+    register(_method, kind="transformer")(
+        _strategy(_method, _baseline_scores(_method), _milp))
+del _method

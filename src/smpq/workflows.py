@@ -1,0 +1,230 @@
+"""The jobs behind the `smpq` commands, as functions: they compute and write files, the CLI
+parses arguments, calls them and prints what they return.
+
+| function          | command        | writes in `out`                                          |
+|-------------------|----------------|----------------------------------------------------------|
+| evaluate_policy   | quantize       | (the caller saves policy, metrics, weights)              |
+| run_search        | search         | policy.json, contributions.json, search_log.jsonl,       |
+|                   |                | summary.json, report.html + PNGs (`write_search_outputs`)|
+| run_compare       | compare        | policies/*.json, compare.json, compare.md, compare.png   |
+| run_default       | run            | smpq/ and dmpq/ as search, dmpq_alpha_vs_smpq_shapley.*, |
+|                   |                | results.json, results.md                                 |
+
+Methods are looked up in `smpq.strategy`'s registry (through `compare.run_method`). Progress
+is reported through a `ProgressFactory`: `progress(description, total)` is a context manager
+yielding a callback `(done, total, metrics=None)`; the default shows nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from smpq.cnn.data import Splits
+from smpq.cnn.search.supernet_search import SearchConfig, SearchOutcome
+from smpq.compare import best_uniform, policy_row, policy_row_and_model, run_method
+from smpq.cost import Budget, ModelCost
+from smpq.fileio import atomic_write_text
+from smpq.policy import Policy
+from smpq.spec import LayerChoice
+from smpq.strategy import StrategyResult
+
+__all__ = [
+    "ROW_COLS",
+    "DefaultRun",
+    "ProgressFactory",
+    "alpha_vs_shapley",
+    "evaluate_policy",
+    "fmt_cell",
+    "markdown",
+    "no_progress",
+    "run_compare",
+    "run_default",
+    "run_search",
+    "write_search_outputs",
+]
+
+ROW_COLS = ["method", "ptq_val_acc", "val_acc", "test_acc", "bitops", "avg_bits",
+            "search_seconds", "evaluations", "binding"]
+ProgressFactory = Callable[[str, int], AbstractContextManager[Callable[..., None]]]
+Fixed = dict[str, LayerChoice | None]
+
+
+def no_progress(description: str, total: int) -> AbstractContextManager[Callable[..., None]]:
+    """A ProgressFactory that reports nothing."""
+    return nullcontext(lambda *args, **kwargs: None)
+
+
+def fmt_cell(v: Any) -> str:
+    """One table cell: yes/NO for booleans, 4 significant digits, scientific past 1e5."""
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+    return "" if v is None else str(v)
+
+
+def markdown(rows: list[dict], cols: list[str]) -> str:
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt_cell(r.get(c)) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _epochs(bar: Callable[..., None]) -> Callable[[str, int, int], None]:
+    """A search progress callback that forwards epoch ticks to a progress bar."""
+    return lambda kind, done, total: bar(done, total) if kind == "epoch" else None
+
+
+# -- quantize -------------------------------------------------------------------------------
+
+def evaluate_policy(net: nn.Module, splits: Splits, mc: ModelCost, pol: Policy, *,
+                    qat_epochs: int = 0, seed: int = 0, label: str | None = None,
+                    progress: ProgressFactory = no_progress) -> tuple[dict, nn.Module]:
+    """PTQ (and optional QAT) of one policy; returns a result row and the quantized model.
+
+    The accuracies come from `compare.policy_row`, so `smpq quantize` scores a policy exactly
+    as `smpq compare` does."""
+    name = label or pol.meta.get("name", "policy")
+    bar = progress(f"QAT {label or ''}", qat_epochs) if qat_epochs else nullcontext(None)
+    with bar as cb:
+        row, qnet = policy_row_and_model(net, splits, mc, StrategyResult(name, pol, 0.0),
+                                         finetune_epochs=qat_epochs, seed=seed, progress=cb)
+    m = mc.metrics(pol)
+    return {"policy": name, "val_acc": row["val_acc"], "test_acc": row["test_acc"],
+            "size_kib": m["size"] / 8 / 1024, "mbitops": m["bitops"] / 1e6,
+            "avg_bits": m["avg_bits"]}, qnet
+
+
+# -- search ---------------------------------------------------------------------------------
+
+def write_search_outputs(out: Path, outcome: SearchOutcome, rows: list[dict], budget: Budget,
+                         mc: ModelCost, fixed: Fixed) -> None:
+    """policy.json, contributions.json, search_log.jsonl, summary.json, report.html + PNGs."""
+    from smpq.report import write_report
+
+    outcome.policy.save(out / "policy.json")
+    atomic_write_text(out / "contributions.json", json.dumps(outcome.contributions, indent=1))
+    atomic_write_text(out / "search_log.jsonl",
+                      "".join(json.dumps(h) + "\n" for h in outcome.history))
+    binding = set(outcome.derivation.summary()["binding"])
+    brows = [{**r, "binding": r["metric"] in binding}
+             for r in budget.check(mc, outcome.policy, fixed)]
+    atomic_write_text(out / "summary.json", json.dumps(
+        {"rows": rows, "budget": brows, "policy_meta": dict(outcome.policy.meta)}, indent=2))
+    comparison = [{"method": r["method"], "val_acc": r["val_acc"], "test_acc": r["test_acc"],
+                   "bitops": r["bitops"], "size_bits": r["size_bits"],
+                   "avg_bits": r["avg_bits"]} for r in rows]
+    write_report(out, title=f"{outcome.policy.meta.get('method', 'search')} at {budget}",
+                 policy=outcome.policy, contributions=outcome.contributions,
+                 comparison=comparison, budget=brows)
+
+
+def run_search(net: nn.Module, splits: Splits, mc: ModelCost, budget: Budget,
+               cfg: SearchConfig, fixed: Fixed, *, out: Path, resume: bool = False,
+               compare: bool = True, finetune_epochs: int = 3, seed: int = 0,
+               progress: ProgressFactory = no_progress) -> list[dict]:
+    """cfg.method's search (and the best uniform policy), finetuned and scored; writes `out`."""
+    with progress(f"{cfg.method} search", cfg.epochs) as bar:
+        found, outcome = run_method(cfg.method, net, splits, mc, budget, fixed, cfg, out=out,
+                                    resume=resume, progress=_epochs(bar))
+    results = [found]
+    if compare:
+        results.append(best_uniform(mc, budget, cfg.w_bits, cfg.a_bits, fixed))
+    rows = [policy_row(net, splits, mc, r, finetune_epochs=finetune_epochs, seed=seed)
+            for r in results]
+    write_search_outputs(out, outcome, rows, budget, mc, fixed)
+    return rows
+
+
+# -- compare --------------------------------------------------------------------------------
+
+def run_compare(methods: Sequence[str], net: nn.Module, splits: Splits, mc: ModelCost,
+                budget: Budget, fixed: Fixed, cfg: SearchConfig, *, out: Path,
+                finetune_epochs: int = 3, seed: int = 0,
+                progress: ProgressFactory = no_progress) -> list[dict]:
+    """Every method at one budget, finetuned alike; writes policies/, compare.json/.md/.png."""
+    from smpq.report import plot_tradeoff
+
+    rows, smpq_evals = [], 100
+    # SMPQ first, so that random search gets the same number of validation passes
+    for method in sorted(methods, key=lambda m: m != "smpq"):
+        with progress(method, 1) as bar:
+            res, _ = run_method(method, net, splits, mc, budget, fixed, cfg,
+                                n_evaluations=smpq_evals)
+            bar(1, 1)
+        if method == "smpq":
+            smpq_evals = max(res.evaluations, 1)
+        rows.append(policy_row(net, splits, mc, res, finetune_epochs=finetune_epochs, seed=seed))
+        res.policy.save(out / "policies" / f"{method}.json")
+    atomic_write_text(out / "compare.json", json.dumps({"budget": str(budget), "rows": rows},
+                                                       indent=2))
+    atomic_write_text(out / "compare.md", markdown(rows, ROW_COLS))
+    plot_tradeoff([{**r, "method": r["method"]} for r in rows], out / "compare.png")
+    return rows
+
+
+# -- the default run ------------------------------------------------------------------------
+
+@dataclass
+class DefaultRun:
+    """What `run_default` found: the table rows and how often alpha and Shapley agree."""
+
+    rows: list[dict]
+    agree: int
+    decisions: int
+
+
+def alpha_vs_shapley(out: Path, dmpq: SearchOutcome, smpq: SearchOutcome) -> tuple[int, int]:
+    """The paper's point: where DMPQ's alpha and SMPQ's Shapley values choose differently.
+
+    Writes the plot and the per-decision JSON; returns (agreeing decisions, decisions)."""
+    from smpq.report import alpha_shapley_agreement, plot_alpha_vs_shapley
+
+    merged = {"players": smpq.contributions["players"],
+              "layers": dmpq.contributions["layers"]}
+    plot_alpha_vs_shapley(merged, out / "dmpq_alpha_vs_smpq_shapley.png")
+    rows = alpha_shapley_agreement(merged)
+    atomic_write_text(out / "dmpq_alpha_vs_smpq_shapley.json", json.dumps(rows, indent=1))
+    agree = sum(r["alpha_choice_bits"] == r["shapley_choice_bits"] for r in rows)
+    return agree, len(rows)
+
+
+def run_default(net: nn.Module, splits: Splits, meta: dict, mc: ModelCost, budget: Budget,
+                cfg: SearchConfig, fixed: Fixed, *, out: Path, data: str, model: str,
+                finetune_epochs: int = 3, seed: int = 0,
+                progress: ProgressFactory = no_progress) -> DefaultRun:
+    """Float model, SMPQ and DMPQ at one budget vs uniform; writes `out` (see module doc)."""
+    from smpq.cnn.train import evaluate
+
+    fp_val, _ = evaluate(net, splits.val)
+    fp_test, _ = evaluate(net, splits.test)
+    fp_m = mc.metrics(Policy(dict.fromkeys(mc.names)))
+    rows = [{"method": "float32", "ptq_val_acc": fp_val, "val_acc": fp_val, "test_acc": fp_test,
+             "bitops": fp_m["bitops"], "avg_bits": fp_m["avg_bits"], "size_bits": fp_m["size"]}]
+    outcomes = {}
+    for method in ("smpq", "dmpq", "uniform"):
+        if method == "uniform":
+            res, outcome = run_method(method, net, splits, mc, budget, fixed, cfg)
+        else:
+            with progress(f"{method} search", cfg.epochs) as bar:
+                res, outcome = run_method(method, net, splits, mc, budget, fixed, cfg,
+                                          out=out / method, progress=_epochs(bar))
+        outcomes[method] = outcome
+        rows.append(policy_row(net, splits, mc, res, finetune_epochs=finetune_epochs,
+                               seed=seed))
+    for method in ("smpq", "dmpq"):
+        write_search_outputs(out / method, outcomes[method], rows, budget, mc, fixed)
+    agree, decisions = alpha_vs_shapley(out, outcomes["dmpq"], outcomes["smpq"])
+    result = {"data": data, "model": model, "budget": str(budget),
+              "fp_checkpoint": meta.get("cache_key"), "search": cfg.to_dict(),
+              "finetune_epochs": finetune_epochs, "seed": seed, "rows": rows}
+    atomic_write_text(out / "results.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out / "results.md", markdown(rows, ROW_COLS))
+    return DefaultRun(rows, agree, decisions)
