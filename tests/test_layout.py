@@ -64,7 +64,7 @@ def test_reader_sees_known_edges():
     assert "smpq.spec" in GRAPH["smpq.primitives"]
     assert "smpq.backends" in GRAPH["smpq.transformer.scores"]  # inside the package
     assert "smpq.cnn.train" in GRAPH["smpq.cnn.pipeline"]
-    assert any(d.startswith("smpq.report") for d in GRAPH["smpq.cli"])  # a lazy import
+    assert any(d.startswith("smpq.workflows") for d in GRAPH["smpq.cli"])  # a lazy import
 
 
 def test_core_imports_nothing_downstream():
