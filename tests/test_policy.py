@@ -126,3 +126,13 @@ def test_huge_integer_is_a_one_line_error(tmp_path):
     path.write_text('{"layers": {"stem": {"weight": {"bits": ' + "9" * 5000 + "}}}}")
     with pytest.raises(SmpqError, match="not valid JSON"):
         Policy.load(path)
+
+
+@pytest.mark.parametrize("meta", ["0", '""', "[]", "false", "3", '"x"'])
+def test_meta_that_is_not_an_object_is_rejected_even_when_falsy(tmp_path, meta):
+    path = tmp_path / "meta.json"
+    path.write_text('{"layers": {"stem": "4/4"}, "meta": ' + meta + "}")
+    with pytest.raises(SmpqError, match="'meta' must be an object"):
+        Policy.load(path)
+    path.write_text('{"layers": {"stem": "4/4"}, "meta": null}')  # null: no provenance
+    assert Policy.load(path).meta == {}

@@ -175,8 +175,9 @@ class Policy:
             raise SmpqError("a policy needs a 'layers' object mapping layer names to choices")
         version = d.get("version", POLICY_VERSION)
         layers = {str(n): _parse_choice(n, v) for n, v in d["layers"].items()}
-        meta = d.get("meta", {}) or {}
-        if not isinstance(meta, dict):
+        meta = d.get("meta")
+        meta = {} if meta is None else meta
+        if not isinstance(meta, dict):  # 0, "", [] and false are not objects either
             raise SmpqError("policy 'meta' must be an object")
         return cls(layers=layers, meta=meta, version=version)
 
