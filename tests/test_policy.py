@@ -78,3 +78,61 @@ def test_spec_validation():
         QuantSpec(1, symmetric=False)
     spec = QuantSpec(8, fmt="fp8_e5m2", granularity="channel")
     assert QuantSpec.from_dict(spec.to_dict()) == spec
+
+
+@pytest.mark.parametrize(
+    "payload, key",
+    [
+        ('{"layers": {"stem": "4/4", "fc": "8/8", "stem": "2/2"}}', "stem"),
+        ('{"layers": {"stem": "4/4"}, "layers": {"stem": "2/2"}}', "layers"),
+        ('{"layers": {"stem": {"weight": {"bits": 4, "bits": 8}, "act": null}}}', "bits"),
+    ],
+)
+def test_duplicate_keys_are_rejected_by_name(tmp_path, payload, key):
+    path = tmp_path / "dup.json"
+    path.write_text(payload)
+    with pytest.raises(SmpqError, match=f"duplicate key '{key}'") as exc:
+        Policy.load(path)
+    assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("depth", [65, 200, 5_000, 100_000])
+def test_deep_nesting_is_a_one_line_error(tmp_path, depth):
+    path = tmp_path / "deep.json"
+    path.write_text('{"layers": {}, "meta": {"x": ' + "[" * depth + "]" * depth + "}}")
+    with pytest.raises(SmpqError, match="nested more than 64 levels") as exc:
+        Policy.load(path)
+    assert "\n" not in str(exc.value)
+
+
+def test_nesting_within_the_bound_loads(tmp_path):
+    path = tmp_path / "ok.json"  # depth 64: policy object, meta, then 62 lists
+    path.write_text('{"layers": {"stem": "4/4"}, "meta": {"x": ' + "[" * 62 + "]" * 62 + "}}")
+    assert Policy.load(path).layers["stem"] == LayerChoice.bits(4, 4)
+
+
+def test_oversized_file_is_refused_before_parsing(tmp_path):
+    path = tmp_path / "big.json"
+    pad = " " * (16 * 2**20)  # valid JSON: whitespace around a tiny policy
+    path.write_text('{"layers": {"stem": "4/4"}}' + pad)
+    with pytest.raises(SmpqError, match="larger than 16 MiB"):
+        Policy.load(path)
+    path.write_text('{"layers": {"stem": "4/4"}}' + pad[: 16 * 2**20 - 100])
+    assert Policy.load(path).layers["stem"] == LayerChoice.bits(4, 4)
+
+
+def test_huge_integer_is_a_one_line_error(tmp_path):
+    path = tmp_path / "int.json"
+    path.write_text('{"layers": {"stem": {"weight": {"bits": ' + "9" * 5000 + "}}}}")
+    with pytest.raises(SmpqError, match="not valid JSON"):
+        Policy.load(path)
+
+
+@pytest.mark.parametrize("meta", ["0", '""', "[]", "false", "3", '"x"'])
+def test_meta_that_is_not_an_object_is_rejected_even_when_falsy(tmp_path, meta):
+    path = tmp_path / "meta.json"
+    path.write_text('{"layers": {"stem": "4/4"}, "meta": ' + meta + "}")
+    with pytest.raises(SmpqError, match="'meta' must be an object"):
+        Policy.load(path)
+    path.write_text('{"layers": {"stem": "4/4"}, "meta": null}')  # null: no provenance
+    assert Policy.load(path).meta == {}

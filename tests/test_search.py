@@ -173,3 +173,93 @@ def test_resume_without_checkpoint_is_an_error(setup, tmp_path):
     with pytest.raises(SmpqError, match="nothing to resume"):
         search(model, splits.train, splits.val, cost, Budget.parse("bitops=uniform:3/3"),
                SearchConfig(**FAST), out=tmp_path, resume=True)
+
+
+class _Killed(BaseException):
+    """Stands in for SIGKILL: not an Exception, so no `except Exception` can swallow it."""
+
+
+class _KillDuringSave:
+    """Wraps _save; during the save of `epoch`, raises _Killed before file operation `step`.
+
+    The file operations counted are os.replace (every atomic rename) and os.unlink.
+    """
+
+    def __init__(self, real_save, epoch: int, step: int):
+        self.real_save, self.epoch, self.step, self.left = real_save, epoch, step, None
+
+    def save(self, ckpt, model, state, optims):
+        self.left = self.step if state["epoch"] == self.epoch else None
+        try:
+            self.real_save(ckpt, model, state, optims)
+        finally:
+            self.left = None
+
+    def file_op(self, real):
+        def op(*args, **kw):
+            if self.left is not None:
+                self.left -= 1
+                if self.left == 0:
+                    self.left = None
+                    raise _Killed
+            return real(*args, **kw)
+        return op
+
+
+def _search_to(setup, out, resume=False):
+    model, splits, cost = setup
+    return search(model, splits.train, splits.val, cost, Budget.parse("bitops=uniform:3/3"),
+                  SearchConfig(**FAST), out=out, resume=resume)
+
+
+def test_kill_at_every_step_of_a_checkpoint_write_resumes_to_the_same_result(
+        setup, tmp_path, monkeypatch):
+    """Kill before each rename/unlink of the epoch-2 checkpoint write, then resume.
+
+    Epoch 2 (the last of FAST's two) is a search epoch: alpha moves, so resuming its weights
+    with epoch-1 state would move alpha twice. The reference is an uninterrupted run.
+    """
+    import importlib
+
+    module = importlib.import_module("smpq.cnn.search.supernet_search")
+    ref = _search_to(setup, tmp_path / "ref")
+    kills = 0
+    for step in range(1, 20):
+        kill = _KillDuringSave(module._save, epoch=2, step=step)
+        out = tmp_path / f"killed{step}"
+        with monkeypatch.context() as m:
+            m.setattr(module, "_save", kill.save)
+            m.setattr(os, "replace", kill.file_op(os.replace))
+            m.setattr(os, "unlink", kill.file_op(os.unlink))
+            try:
+                _search_to(setup, out)
+            except _Killed:
+                killed = True
+            else:
+                killed = False
+        if not killed:  # the save has fewer file operations than `step`: every one was tried
+            break
+        kills += 1
+        got = _search_to(setup, out, resume=True)
+        assert got.policy.layers == ref.policy.layers, f"kill before file operation {step}"
+        assert np.allclose(got.supernet.alphas(), ref.supernet.alphas(), rtol=0, atol=1e-6), step
+        assert [h["epoch"] for h in got.history] == [0, 1]
+        assert [p["ema"] for p in got.contributions["players"]] == pytest.approx(
+            [p["ema"] for p in ref.contributions["players"]], abs=1e-9)
+    assert kills >= 2, "a checkpoint write has at least two steps (tensors, state)"
+
+
+def test_damaged_or_incomplete_checkpoint_is_a_one_line_error(setup, tmp_path):
+    _search_to(setup, tmp_path)
+    ckpt = tmp_path / "checkpoint"
+    names = sorted(p.name for p in ckpt.iterdir())
+    assert len(names) == 2 and "state.json" in names, names  # older tensor files removed
+    tensor_file = ckpt / next(n for n in names if n != "state.json")
+    data = bytearray(tensor_file.read_bytes())
+    data[-1] ^= 1
+    tensor_file.write_bytes(bytes(data))
+    with pytest.raises(SmpqError, match="damaged"):
+        _search_to(setup, tmp_path, resume=True)
+    tensor_file.unlink()
+    with pytest.raises(SmpqError, match="incomplete"):
+        _search_to(setup, tmp_path, resume=True)

@@ -174,6 +174,7 @@ def cost(
     """Per-layer cost table (size, BitOps) of a policy, and budget slack."""
     from smpq.cost import Budget, format_metric, trace_costs
 
+    bud = Budget.parse(budget) if budget else None  # a bad budget fails before any output
     net, splits, _ = fp_model(data, model, checkpoint, cache)
     mc = trace_costs(net, splits.val[0][0][None])
     pol = _policy_from_args(mc.names, policy, uniform, pin)
@@ -182,11 +183,11 @@ def cost(
     console.print(_table("cost per layer", rows, cols))
     for m, v in mc.metrics(pol).items():
         console.print(f"{m:>9}: {format_metric(m, v)}")
-    if budget:
+    if bud is not None:
         from smpq.cnn.pipeline import default_pinned
 
         pinned = default_pinned(mc.names) if pin else None
-        rows = Budget.parse(budget).check(mc, pol, pinned)
+        rows = bud.check(mc, pol, pinned)
         console.print(_table("budget", rows, ["constraint", "limit", "value", "slack", "ok"]))
 
 
@@ -373,7 +374,12 @@ def main() -> None:
     try:
         app()
     except SmpqError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        # messages echo user input (layer names, paths): keep it one line and markup-free
+        msg = escape("\\n".join(str(exc).splitlines()))
+        err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True,
+                          emoji=False)
         sys.exit(2)
 
 

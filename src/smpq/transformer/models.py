@@ -68,6 +68,8 @@ _FUSED = {
 }
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+# Weight files in pickle formats: loading them can run code, so smpq reads safetensors only.
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def _offline() -> None:
@@ -124,6 +126,27 @@ def _load_tokenizer(folder: Path, transformers: Any) -> Any:
         raise SmpqError(f"cannot load the tokenizer in {folder}: {exc}") from None
 
 
+def _require_safetensors(folder: Path) -> None:
+    """Refuse a folder whose weights exist only as pickles, before transformers unpickles them."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        raise SmpqError(
+            f"{folder} has PyTorch pickle weights ({', '.join(pickles)}) but no .safetensors; "
+            "smpq reads safetensors only (unpickling can run code): load it once in "
+            "transformers and save_pretrained() it, which writes model.safetensors"
+        )
+    raise SmpqError(f"no model weights (*.safetensors) in {folder}")
+
+
+def _require_finite(model: nn.Module, folder: Path) -> None:
+    """NaN/inf weights would surface much later as a puzzling quantizer error: name them now."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+            raise SmpqError(f"model in {folder} has non-finite weights (NaN or inf) in {name}")
+
+
 def load_local(path: str | os.PathLike, kind: str = "auto") -> tuple[nn.Module, Any]:
     """(float32 model in eval mode, tokenizer or None) from a local Hugging Face folder.
 
@@ -133,12 +156,15 @@ def load_local(path: str | os.PathLike, kind: str = "auto") -> tuple[nn.Module, 
     """
     folder = Path(path).expanduser()
     resolved = _resolve_kind(kind, _read_config(folder))
+    _require_safetensors(folder)
     transformers = require_transformers()
     auto = transformers.AutoModelForCausalLM if resolved == "causal_lm" else transformers.AutoModel
     try:
-        model = auto.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
+        model = auto.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True,
+                                     use_safetensors=True)
     except (OSError, ValueError, KeyError) as exc:
         raise SmpqError(f"cannot load a {resolved} model from {folder}: {exc}") from None
+    _require_finite(model, folder)
     model.eval()
     return model, _load_tokenizer(folder, transformers)
 

@@ -28,9 +28,11 @@ on the same page; the configuration dataclass with its validation is about a fif
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -39,7 +41,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_tensors
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
@@ -58,7 +62,8 @@ __all__ = ["METHODS", "SearchConfig", "SearchOutcome", "search"]
 
 log = logging.getLogger(__name__)
 METHODS = ("smpq", "dmpq")
-STATE_FILE, TENSORS_FILE = "state.json", "state.safetensors"
+STATE_FILE, TENSORS_FILE = "state.json", "state.safetensors"  # TENSORS_FILE: older checkpoints
+TENSORS_PATTERN, MANIFEST_KEY = "tensors.{}.safetensors", "tensors"
 
 
 @dataclass(frozen=True)
@@ -216,8 +221,29 @@ def _cost_penalty(net: Supernet) -> np.ndarray:
 
 
 # -- checkpoints ---------------------------------------------------------------------------
+# One checkpoint is state.json plus the tensor file it names. The tensor file is content
+# addressed (tensors.<sha256 prefix>.safetensors) and written first; state.json, written last
+# by one atomic rename, is the commit point and records the file's full hash. A kill at any
+# moment therefore leaves the previous state.json naming the previous tensors, both intact;
+# older tensor files are deleted only after the new state.json is in place.
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames in `folder` durable (POSIX; a no-op where directories cannot open)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
 
 def _save(ckpt: Path, model: nn.Module, state: dict, optims: dict) -> None:
+    from smpq.fileio import atomic_write_bytes
+
     ckpt.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
     for oname, opt in optims.items():
@@ -225,15 +251,46 @@ def _save(ckpt: Path, model: nn.Module, state: dict, optims: dict) -> None:
             for k, v in st.items():
                 if torch.is_tensor(v):
                     tensors[f"opt.{oname}.{pid}.{k}"] = v.detach().contiguous()
-    tmp = ckpt / (TENSORS_FILE + ".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(ckpt / TENSORS_FILE)
-    atomic_write_text(ckpt / STATE_FILE, json.dumps(state) + "\n")
+    data = save_tensors(tensors)
+    digest = hashlib.sha256(data).hexdigest()
+    name = TENSORS_PATTERN.format(digest[:16])
+    atomic_write_bytes(ckpt / name, data)
+    _fsync_dir(ckpt)  # the tensor file exists on disk before state.json can name it
+    atomic_write_text(ckpt / STATE_FILE,
+                      json.dumps({**state, MANIFEST_KEY: {"file": name, "sha256": digest}}) + "\n")
+    _fsync_dir(ckpt)
+    for old in [*ckpt.glob(TENSORS_PATTERN.format("*")), ckpt / TENSORS_FILE]:
+        if old.name != name:
+            old.unlink(missing_ok=True)
+
+
+def _read_checkpoint(ckpt: Path) -> tuple[dict, dict[str, Tensor]]:
+    """(state, tensors) of a complete checkpoint, or an SmpqError saying what is wrong."""
+    try:
+        state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SmpqError(f"unreadable checkpoint {ckpt / STATE_FILE}: {exc}; "
+                        "start without --resume") from None
+    if not isinstance(state, dict):
+        raise SmpqError(f"checkpoint {ckpt / STATE_FILE} is not a JSON object; "
+                        "start without --resume")
+    manifest = state.pop(MANIFEST_KEY, None)
+    if not isinstance(manifest, dict):  # written before tensor files were named in state.json
+        return state, load_file(str(ckpt / TENSORS_FILE))
+    path = ckpt / str(manifest.get("file", ""))
+    try:
+        data = path.read_bytes()
+    except OSError:
+        raise SmpqError(f"checkpoint {ckpt} is incomplete: {path.name} is missing; "
+                        "start without --resume") from None
+    if hashlib.sha256(data).hexdigest() != manifest.get("sha256"):
+        raise SmpqError(f"checkpoint {ckpt} is damaged: {path.name} does not match the hash in "
+                        f"{STATE_FILE}; start without --resume")
+    return state, load_tensors(data)
 
 
 def _load(ckpt: Path, model: nn.Module, optims: dict) -> dict:
-    state = json.loads((ckpt / STATE_FILE).read_text())
-    tensors = load_file(str(ckpt / TENSORS_FILE))
+    state, tensors = _read_checkpoint(ckpt)
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     for oname, opt in optims.items():
         sd = opt.state_dict()

@@ -1,0 +1,218 @@
+"""Property: malformed policy files and budget strings end in one `error:` line, exit 2.
+
+Each generator builds inputs that are wrong by construction (never by asking smpq), feeds them
+to the `smpq` entry point on a tiny checkpoint, and checks: exit code 2, nothing on stdout (no
+table before the error), exactly one stderr line starting `error:`, no traceback, and no file
+written (no output folder, no model cache).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sys
+import tempfile
+from pathlib import Path
+from unittest import mock
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from smpq.cli import main
+from smpq.cnn.models import build_model
+from smpq.cnn.train import save_checkpoint
+from smpq.cost import METRICS
+from smpq.spec import MAX_BITS, MIN_BITS
+
+SETTINGS = settings(max_examples=50, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt")
+    save_checkpoint(d, build_model("mlp", (1, 8, 8), 10, seed=0), {"dataset": "digits"})
+    return d
+
+
+@pytest.fixture(scope="module")
+def names(ckpt):
+    import torch
+
+    from smpq.cnn.train import load_checkpoint
+    from smpq.cost import trace_costs
+
+    net, _ = load_checkpoint(ckpt)
+    return trace_costs(net, torch.zeros(1, 1, 8, 8)).names
+
+
+def _run(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with mock.patch.object(sys, "argv", ["smpq", *args]), contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exc:
+        main()
+    return exc.value.code, out.getvalue(), err.getvalue()
+
+
+def _assert_one_line_error(code: int, out: str, err: str) -> None:
+    assert "Traceback" not in out + err, err
+    assert code == 2, (code, out, err)
+    assert out == "", out
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+
+
+# -- malformed budgets -----------------------------------------------------------------------
+
+# Text that rich or a line count could trip over: markup tags, emoji codes, line breaks.
+_TRAPS = ["a", "b.c", "[/x]", "[bold]", "[", "]", ":smile:", "\n", "\r\n", "\u2028", "\x85",
+          "\\", '"', " ", "\t", "é"]
+_tricky = st.one_of(st.lists(st.sampled_from(_TRAPS), min_size=1, max_size=6).map("".join),
+                    st.text(min_size=1))
+_bits_out = st.one_of(st.integers(-50, MIN_BITS - 1), st.integers(MAX_BITS + 1, 10**6))
+_valid_pair = st.tuples(st.integers(MIN_BITS, MAX_BITS), st.integers(MIN_BITS, MAX_BITS))
+_metric = st.sampled_from(METRICS)
+_valid_item = st.one_of(
+    st.builds(lambda m, p: f"{m}=uniform:{p[0]}/{p[1]}", _metric, _valid_pair),
+    st.builds(lambda m, v: f"{m}={v}", st.sampled_from(["bitops", "avg_bits", "eff_bits"]),
+              st.integers(1, 10**9)),
+)
+_bad_item = st.one_of(
+    st.builds(lambda n, v: f"{n}={v}",  # unknown metric
+              _tricky.filter(lambda n: n.strip() not in METRICS and not set(n) & set("=,")),
+              st.integers(1, 100)),
+    st.builds(lambda m, v: f"{m}{v}", _metric, st.integers(1, 100)),  # no '='
+    st.builds(lambda m, ws: f"{m}={ws}", _metric, st.text(" \t", max_size=3)),  # nothing after
+    st.builds(lambda m, v: f"{m}={v}", _metric,  # not positive, or not finite
+              st.sampled_from(["0", "-1", "-0.5", "0.0", "1e999", "-1e999", "1e-999"])),
+    st.builds(lambda m, v: f"{m}={v}", _metric,  # letters only: never a number
+              st.text("abcdefghijklmnopqrstuvwxyzE", min_size=1)),
+    st.builds(lambda u: f"size=3{u}", st.text("xyzqwrt", min_size=1)),  # unknown size unit
+    st.builds(lambda m, u: f"{m}=3{u}", st.sampled_from(["bitops", "avg_bits", "eff_bits"]),
+              st.sampled_from(["kb", "MB", "bits", "x"])),  # a unit where none belongs
+    st.builds(lambda m, w, a: f"{m}=uniform:{w}/{a}", _metric, _bits_out,
+              st.integers(MIN_BITS, MAX_BITS)),
+    st.builds(lambda m, b: f"{m}=uniform:{b}", _metric, st.integers(MIN_BITS, MAX_BITS)),
+    st.builds(lambda m, r, p: f"{m}={r}*uniform:{p[0]}/{p[1]}", _metric,
+              st.sampled_from(["0", "-2", "1e999", "x", "..", "--1"]), _valid_pair),
+)
+
+
+@st.composite
+def bad_budgets(draw) -> str:
+    kind = draw(st.sampled_from(["separators", "bad_item", "duplicate"]))
+    if kind == "separators":  # nothing but commas and spaces, e.g. `--budget ,`
+        return draw(st.text(", \t", min_size=1))
+    if kind == "duplicate":
+        m = draw(_metric)
+        return f"{m}=uniform:4/4,{m}=uniform:3/3"
+    items = draw(st.lists(_valid_item, max_size=2))
+    items.insert(draw(st.integers(0, len(items))), draw(_bad_item))
+    return ",".join(items)
+
+
+@SETTINGS
+@given(budget=bad_budgets())
+def test_cost_with_a_malformed_budget_prints_one_error_line_only(ckpt, budget):
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "cache"
+        res = _run("cost", "--checkpoint", str(ckpt), "--cache", str(cache), "--uniform", "4/4",
+                   "--budget", budget)
+        _assert_one_line_error(*res)
+        assert not cache.exists()
+
+
+def test_cost_budget_of_a_lone_comma_fails_before_the_table(ckpt):
+    code, out, err = _run("cost", "--checkpoint", str(ckpt), "--uniform", "4/4", "--budget", ",")
+    assert code == 2 and out == "" and err.startswith("error:") and "empty budget" in err
+
+
+# -- malformed policy files ------------------------------------------------------------------
+
+_bad_shorthand = st.one_of(
+    _tricky.filter(lambda s: "/" not in s),
+    st.builds(lambda w, a: f"{w}/{a}", _bits_out, st.integers(MIN_BITS, MAX_BITS)),
+    st.builds(lambda w, a: f"{w}/{a}", st.integers(MIN_BITS, MAX_BITS), _bits_out),
+    st.builds(lambda p, q: f"{p[0]}/{p[1]}/{q}", _valid_pair, st.integers(1, 8)),
+)
+_bad_choice = st.one_of(
+    _bad_shorthand,
+    st.integers(), st.floats(allow_nan=True), st.booleans(),
+    st.lists(st.integers(1, 8), max_size=3),
+    st.builds(lambda b: {"weight": {"bits": b}, "act": None}, _bits_out),
+    st.builds(lambda k: {"weight": None, "act": None, k: 1},
+              st.text(min_size=1).filter(lambda k: k not in ("weight", "act"))),
+    st.builds(lambda k: {"weight": {"bits": 4, k: 1}, "act": None},
+              st.text(min_size=1).filter(lambda k: k not in (
+                  "bits", "fmt", "symmetric", "granularity", "group_size", "scale_bits",
+                  "version"))),
+)
+_non_object = st.one_of(st.none(), st.booleans(), st.integers(), st.text(),
+                        st.lists(st.integers(), max_size=3))
+
+
+def _dumps(d) -> str:
+    return json.dumps(d, allow_nan=True)
+
+
+@st.composite
+def bad_policy_files(draw, names: list[str]) -> bytes:
+    """Bytes of a policy file that is wrong for a model with layers `names`."""
+    good = {n: "4/4" for n in names}
+    kind = draw(st.sampled_from([
+        "truncated", "not_utf8", "duplicate", "deep", "top_level", "bad_choice", "unknown_layer",
+        "missing_layer", "unknown_field", "version", "layers_type", "meta_type"]))
+    if kind == "truncated":  # every strict prefix of compact JSON without trailing space
+        text = json.dumps({"version": 1, "layers": good}, separators=(",", ":"))
+        return text[:draw(st.integers(0, len(text) - 1))].encode()
+    if kind == "not_utf8":
+        return b"\xff" + draw(st.binary(max_size=20))
+    if kind == "duplicate":
+        dup = draw(st.sampled_from(names))
+        body = ", ".join(f"{json.dumps(n)}: \"4/4\"" for n in [*names, dup])
+        return ('{"layers": {' + body + "}}").encode()
+    if kind == "deep":
+        depth = draw(st.integers(65, 3000))
+        opens, closes = draw(st.sampled_from([("[", "]"), ('{"a":', "}")]))
+        inner = "" if opens == "[" else "1"
+        nested = opens * depth + inner + closes * depth
+        return f'{{"layers": {_dumps(good)}, "meta": {{"x": {nested}}}}}'.encode()
+    if kind == "top_level":
+        return _dumps(draw(_non_object)).encode()
+    if kind == "bad_choice":
+        layer = draw(st.sampled_from(names))
+        return _dumps({"layers": {**good, layer: draw(_bad_choice)}}).encode()
+    if kind == "unknown_layer":
+        ghost = draw(_tricky.filter(lambda n: n not in names))
+        return _dumps({"layers": {**good, ghost: "4/4"}}).encode()
+    if kind == "missing_layer":
+        keep = draw(st.lists(st.sampled_from(names), unique=True, max_size=len(names) - 1))
+        return _dumps({"layers": {n: "4/4" for n in keep}}).encode()
+    if kind == "unknown_field":
+        field = draw(st.text(min_size=1).filter(lambda k: k not in ("version", "layers", "meta")))
+        return _dumps({"layers": good, field: draw(_non_object)}).encode()
+    if kind == "version":
+        version = draw(st.one_of(st.integers().filter(lambda v: v != 1), st.text(),
+                                 st.lists(st.integers(), max_size=2)))
+        return _dumps({"version": version, "layers": good}).encode()
+    if kind == "layers_type":
+        return _dumps({"layers": draw(_non_object)}).encode()
+    meta = draw(st.one_of(st.sampled_from([0, 0.0, "", [], False]),  # falsy, still not objects
+                          _non_object.filter(lambda m: m is not None)))
+    return _dumps({"layers": good, "meta": meta}).encode()
+
+
+@SETTINGS
+@given(data=st.data())
+def test_quantize_with_a_malformed_policy_prints_one_error_line_and_writes_nothing(
+        ckpt, names, data):
+    payload = data.draw(bad_policy_files(names), label="policy file")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "policy.json").write_bytes(payload)
+        res = _run("quantize", "--checkpoint", str(ckpt), "--cache", str(tmp / "cache"),
+                   "--policy", str(tmp / "policy.json"), "--out", str(tmp / "out"))
+        _assert_one_line_error(*res)
+        assert sorted(p.name for p in tmp.iterdir()) == ["policy.json"]
