@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from smpq.alloc import Allocation
-from smpq.cost import Budget, ModelCost
+from smpq.alloc import Allocation, allocate_milp, allocate_quadratic, uniform_choice
+from smpq.cost import Budget, ModelCost, ResolvedBudget
 from smpq.errors import SmpqError
 from smpq.policy import atomic_write_text
 from smpq.shapley import ShapleyResult
@@ -44,8 +44,6 @@ from smpq.transformer.mixed import (
     DEFAULT_CANDIDATES,
     MixedConfig,
     ProgressiveGame,
-    allocate_groups,
-    allocate_pairwise,
     build_candidates,
     choice_policy,
     choice_scores,
@@ -62,7 +60,6 @@ from smpq.transformer.scores import (
     contrastive_loss,
     gradient_moments,
     lm_loss,
-    uniform_choice,
 )
 
 __all__ = ["ALL_METHODS", "PTQSession", "RunSettings", "ptq_command", "run_ptq"]
@@ -174,12 +171,17 @@ class PTQSession:
             self.swapper = WeightSwapper(self.model, self.candidates.weights)
         return self
 
-    def check(self, budget: Budget) -> dict[str, float]:
-        """Raise SmpqError if no policy over the candidates fits; returns the limits."""
+    def resolve(self, budget: Budget) -> ResolvedBudget:
+        """The budget's limits, once per run; raises SmpqError if no policy over the
+        candidates fits."""
         from smpq.spec import LayerChoice
 
         allowed = {n: [LayerChoice(s, None) for s in self.specs] for n in self.linears}
-        return budget.ensure_feasible(self.cost, allowed)
+        return budget.resolve(self.cost, allowed)
+
+    def check(self, budget: Budget) -> dict[str, float]:
+        """Raise SmpqError if no policy over the candidates fits; returns the limits."""
+        return self.resolve(budget).limits
 
     # -- data and values ----------------------------------------------------------------
     def _data(self) -> None:
@@ -298,16 +300,18 @@ class PTQSession:
         return costs, limits
 
     def allocate(self, method: str, scores: Any, budget: Budget,
-                 result: ShapleyResult | None = None, config: MixedConfig = MixedConfig()
-                 ) -> Allocation | tuple[int, ...]:
-        costs, limits = self.budget_costs(budget)
+                 result: ShapleyResult | None = None, config: MixedConfig = MixedConfig(),
+                 resolved: ResolvedBudget | None = None) -> Allocation | tuple[int, ...]:
+        resolved = resolved or self.resolve(budget)
+        costs = group_costs(self.cost, self.groups, self.specs)
+        limits, scales = resolved.unit_limits, resolved.scales
         if method == "uniform":
-            return uniform_choice(costs, limits)
+            return uniform_choice(costs, limits, scales=scales)
         if method == "shapley_pairwise" or (method == "shapley" and config.interactions):
             k = interaction_matrix(result, config.shrinkage)
-            return allocate_pairwise(result.estimate, k, costs, limits, len(self.specs),
-                                     pairwise_lambda(k, config.risk))
-        return allocate_groups(scores, costs, limits)
+            return allocate_quadratic(result.estimate, k, costs, limits,
+                                      pairwise_lambda(k, config.risk), scales=scales)
+        return allocate_milp(list(scores), costs, limits, scales=scales)
 
     def evaluate(self, choice: tuple[int, ...]) -> dict[str, float]:
         """Validation (search objective) and test metrics of one group choice."""
@@ -402,7 +406,8 @@ def run_ptq(model: str, budget: str | Budget, backend: str = "rtn", method: str 
     out = Path(out)
     start = time.perf_counter()
     session = PTQSession(model, backend, candidates, settings, out, progress)
-    limits = session.check(budget)
+    resolved = session.resolve(budget)
+    limits = resolved.limits
     session.prepare()
     session.progress("score", 0, 1)
     result, errors = None, None
@@ -414,7 +419,7 @@ def run_ptq(model: str, budget: str | Budget, backend: str = "rtn", method: str 
     else:
         scores, errors, score_cost = session.baseline(method)
     session.progress("allocate", 0, 1)
-    alloc = session.allocate(method, scores, budget, result, config)
+    alloc = session.allocate(method, scores, budget, result, config, resolved)
     choice = alloc if isinstance(alloc, tuple) else alloc.choice
     policy = choice_policy(session.groups, session.specs, choice, meta={
         "method": method, "backend": backend, "budget": str(budget), "model": model,
