@@ -19,7 +19,12 @@ from safetensors.torch import load_file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-from smpq.alloc import allocate_bruteforce  # noqa: E402
+from smpq.alloc import (  # noqa: E402
+    allocate_bruteforce,
+    allocate_milp,
+    allocate_quadratic,
+    uniform_choice,
+)
 from smpq.backends import collect_input_stats, output_error_from_inputs, rtn_quantize_weight  # noqa: E402
 from smpq.cost import Budget, ModelCost  # noqa: E402
 from smpq.errors import SmpqError  # noqa: E402
@@ -29,8 +34,6 @@ from smpq.shapley import exact_shapley  # noqa: E402
 from smpq.transformer.mixed import (  # noqa: E402
     MixedConfig,
     ProgressiveGame,
-    allocate_groups,
-    allocate_pairwise,
     build_candidates,
     choice_policy,
     choice_scores,
@@ -47,7 +50,6 @@ from smpq.transformer.scores import (  # noqa: E402
     baseline_scores,
     gradient_moments,
     lm_loss,
-    uniform_choice,
 )
 from smpq.transformer.tiny_lm import ByteTokenizer  # noqa: E402
 from smpq.transformer.values import WeightSwapper, float_reference, kl_to_float  # noqa: E402
@@ -207,7 +209,7 @@ def test_milp_matches_bruteforce_groups_and_budget(setup):
     costs = group_costs(s["cost"], s["groups"], s["specs"])
     budget = Budget.parse("avg_bits=4.2")
     limits = budget.layer_limits(s["cost"])
-    alloc = allocate_groups(scores, costs, limits)
+    alloc = allocate_milp(scores, costs, limits)
     best = -np.inf
     for choice in itertools.product(range(3), repeat=len(scores)):
         spent = sum(c[k] for c, k in zip(costs["avg_bits"], choice, strict=True))
@@ -256,7 +258,7 @@ def test_resume_gives_same_allocation(setup, small, tmp_path):
     np.testing.assert_array_equal(resumed.estimate, full.estimate)
     costs = group_costs(s["cost"], groups, s["specs"])
     limits = {"avg_bits": float(sum(c[1] for c in costs["avg_bits"]))}
-    pick = [allocate_groups(choice_scores(r.estimate, len(groups), 3), costs, limits).choice
+    pick = [allocate_milp(choice_scores(r.estimate, len(groups), 3), costs, limits).choice
             for r in (full, resumed)]
     assert pick[0] == pick[1]
     with pytest.raises(SmpqError, match="different run"):
@@ -273,7 +275,7 @@ def test_pairwise_milp_matches_bruteforce():
     k[0, 3] = k[3, 0] = -0.2  # a rewarded pair too
     costs = {"avg_bits": [np.array([2.0, 4.0, 8.0]) * w for w in (0.1, 0.2, 0.3, 0.4)]}
     for lim in (3.0, 4.5, 6.0):
-        alloc = allocate_pairwise(phi, k, costs, {"avg_bits": lim}, n_levels, risk=0.7)
+        alloc = allocate_quadratic(phi, k, costs, {"avg_bits": lim}, risk=0.7)
         best = max(pairwise_value(c, phi, k, n_levels, 0.7)
                    for c in itertools.product(range(n_levels), repeat=n_groups)
                    if sum(cc[i] for cc, i in zip(costs["avg_bits"], c, strict=True)) <= lim + 1e-12)
@@ -394,11 +396,11 @@ def test_bad_backend_method_and_budget(setup):
     limits = Budget.parse("avg_bits=1.5").layer_limits(s["cost"])
     scores = [np.arange(3.0)] * len(s["groups"])
     with pytest.raises(SmpqError, match="infeasible"):
-        allocate_groups(scores, costs, limits)
+        allocate_milp(scores, costs, limits)
     with pytest.raises(SmpqError, match="infeasible"):
         uniform_choice(costs, limits)
     with pytest.raises(SmpqError, match="infeasible"):
-        allocate_pairwise(np.zeros(16), np.eye(16), costs, limits, 3)
+        allocate_quadratic(np.zeros(16), np.eye(16), costs, limits)
 
 
 def test_same_answer_as_allocate_bruteforce(setup):
@@ -407,7 +409,7 @@ def test_same_answer_as_allocate_bruteforce(setup):
     rng = np.random.default_rng(1)
     scores = [np.cumsum(rng.uniform(0, 1, 3)) for _ in range(5)]
     limits = {"size": float(sum(c[1] for c in costs["size"]))}
-    a = allocate_groups(scores, costs, limits)
+    a = allocate_milp(scores, costs, limits)
     b = allocate_bruteforce(scores, costs, limits)
     assert a.choice == b.choice
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from smpq.alloc.problem import fits, infeasible_message
 from smpq.apply import quantizable_layers
 from smpq.errors import SmpqError
 from smpq.policy import Policy
@@ -44,6 +45,7 @@ __all__ = [
     "Constraint",
     "LayerCost",
     "ModelCost",
+    "ResolvedBudget",
     "format_metric",
     "n_scales",
     "trace_costs",
@@ -313,14 +315,43 @@ class Budget:
         self, cost: ModelCost, policy: Policy, pinned: Mapping | None = None
     ) -> list[dict]:
         """Per constraint: limit, value reached, slack (limit - value) and whether it holds."""
-        got = cost.metrics(policy)
-        out = []
-        for c in self.constraints:
-            lim = c.limit(cost, pinned)
-            out.append({"constraint": str(c), "metric": c.metric, "limit": lim,
-                        "value": got[c.metric], "slack": lim - got[c.metric],
-                        "ok": got[c.metric] <= lim * (1 + 1e-9)})
-        return out
+        return _check_rows(self.constraints, self.limits(cost, pinned), cost.metrics(policy))
+
+    def resolve(
+        self,
+        cost: ModelCost,
+        candidates: Mapping[str, Sequence[LayerChoice | None]],
+        pinned: Mapping[str, LayerChoice | None] | None = None,
+        fixed: Mapping[str, LayerChoice | None] | None = None,
+    ) -> ResolvedBudget:
+        """The budget as numbers, once per run; raises if even the cheapest policy breaks it.
+
+        `candidates` gives each searched layer's allowed choices; `fixed` layers keep their
+        choice and move their cost (with the constant part of size) to the right-hand side;
+        `pinned` is what `uniform:W/A` references keep. The error names the cheapest reachable
+        value of every unreachable limit.
+        """
+        fixed = dict(fixed or {})
+        lim = self.limits(cost, pinned)
+        parts = []
+        for metric, limit in lim.items():
+            low = cost.constant_size if metric == "size" else 0.0
+            for name, choices in candidates.items():
+                low += min(cost.choice_cost(name, c)[metric] for c in choices)
+            for name, choice in fixed.items():
+                low += cost.choice_cost(name, choice)[metric]
+            if not fits(low, limit):
+                parts.append((metric, limit, low))
+        if parts:
+            raise SmpqError(infeasible_message(parts, format_metric))
+        units = dict(lim)
+        if "size" in units:
+            units["size"] -= cost.constant_size
+        for name, choice in fixed.items():
+            for m, v in cost.choice_cost(name, choice).items():
+                if m in units:
+                    units[m] -= v
+        return ResolvedBudget(self, lim, units)
 
     def ensure_feasible(
         self,
@@ -330,19 +361,42 @@ class Budget:
     ) -> dict[str, float]:
         """Raise a clear error naming the cheapest reachable value if a limit cannot be met.
 
-        `candidates` gives each layer's allowed choices. Returns the limits.
+        `candidates` gives each layer's allowed choices. Returns the limits (`resolve`).
         """
-        lim = self.limits(cost, pinned)
-        for metric, limit in lim.items():
-            cheapest = cost.constant_size if metric == "size" else 0.0
-            for name, choices in candidates.items():
-                cheapest += min(cost.choice_cost(name, c)[metric] for c in choices)
-            if cheapest > limit * (1 + 1e-9):
-                raise SmpqError(
-                    f"budget infeasible: {metric} limit {format_metric(metric, limit)} is below "
-                    f"the cheapest reachable {format_metric(metric, cheapest)}"
-                )
-        return lim
+        return self.resolve(cost, candidates, pinned).limits
 
     def __str__(self) -> str:
         return ",".join(str(c) for c in self.constraints)
+
+
+@dataclass(frozen=True)
+class ResolvedBudget:
+    """A budget resolved once per run (`Budget.resolve`): what every allocator is handed.
+
+    `limits` bound the full metrics (what `check` compares); `unit_limits` bound the sum of
+    the searched layers' costs (fixed layers and constant size moved to the right-hand side).
+    `scales` are the tolerance scales to pass with `unit_limits` to the allocator, so that a
+    policy fits there exactly when it fits here (`smpq.alloc.problem.fits`).
+    """
+
+    budget: Budget
+    limits: dict[str, float]
+    unit_limits: dict[str, float]
+
+    @property
+    def scales(self) -> dict[str, float]:
+        return {m: abs(v) for m, v in self.limits.items()}
+
+    def check(self, cost: ModelCost, policy: Policy) -> list[dict]:
+        """`Budget.check` against the resolved limits."""
+        return _check_rows(self.budget.constraints, self.limits, cost.metrics(policy))
+
+    def fits(self, cost: ModelCost, policy: Policy) -> bool:
+        return all(r["ok"] for r in self.check(cost, policy))
+
+
+def _check_rows(constraints: Sequence[Constraint], limits: Mapping[str, float],
+                got: Mapping[str, float]) -> list[dict]:
+    return [{"constraint": str(c), "metric": c.metric, "limit": limits[c.metric],
+             "value": got[c.metric], "slack": limits[c.metric] - got[c.metric],
+             "ok": fits(got[c.metric], limits[c.metric])} for c in constraints]

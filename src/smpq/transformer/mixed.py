@@ -42,9 +42,9 @@ Pairwise step (interactions=True): Sigma = covariance of the per-permutation mar
 K = (Sigma + diag Sigma) / 2 (shrunk halfway to its diagonal, as CoopQ). We read CoopQ's
 a'q + q'Kq as a mean-variance objective over player indicators q (q_{g,k} = [level_g >= k]):
 maximise phi'q - lambda q'Kq, lambda = risk / sqrt(mean diag K) so that `risk` is unitless
-(penalty per player ~ risk x its marginal std; `pairwise_lambda`). Same-group products
-equal the higher player's indicator; cross-group products are linearised exactly (y >= q_i +
-q_j - 1 for penalised pairs, y <= q_i, q_j for rewarded ones) and the MILP solved by HiGHS.
+(penalty per player ~ risk x its marginal std; `pairwise_lambda`), solved exactly by
+`smpq.alloc.allocate_quadratic` (gains phi, matrix K). The additive scores go to
+`smpq.alloc.allocate_milp`; this module keeps the game and its scores, not the allocator.
 """
 
 from __future__ import annotations
@@ -52,17 +52,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import sparse
-from scipy.optimize import Bounds, LinearConstraint, milp
 
-from smpq.alloc import Allocation, allocate_milp
 from smpq.cost import ModelCost
 from smpq.errors import SmpqError
 from smpq.fileio import atomic_write_text
@@ -86,9 +82,8 @@ from smpq.transformer.scores import (
 
 __all__ = [
     "DEFAULT_CANDIDATES", "STATE_VERSION", "Candidates", "MixedConfig", "ProgressiveGame",
-    "allocate_groups", "allocate_pairwise", "build_candidates", "choice_policy", "choice_scores",
-    "estimate_contributions", "group_costs", "interaction_matrix", "pairwise_lambda",
-    "pairwise_value",
+    "build_candidates", "choice_policy", "choice_scores", "estimate_contributions",
+    "group_costs", "interaction_matrix", "pairwise_lambda", "pairwise_value",
     "parse_candidates", "spec_key",
 ]
 
@@ -329,7 +324,7 @@ def interaction_matrix(result: ShapleyResult, shrinkage: float = 0.5) -> np.ndar
     return (1 - shrinkage) * sigma + shrinkage * np.diag(np.diag(sigma))
 
 
-# ----------------------------------------------------------------------------- allocation
+# ----------------------------------------------------------------------------- units
 
 
 def group_costs(cost: ModelCost, groups: Sequence[Sequence[str]],
@@ -343,12 +338,6 @@ def group_costs(cost: ModelCost, groups: Sequence[Sequence[str]],
     return out
 
 
-def allocate_groups(scores: Sequence[np.ndarray], costs: Mapping[str, list[np.ndarray]],
-                    limits: Mapping[str, float], time_limit: float = 60) -> Allocation:
-    """The exact additive allocation (one candidate per group) under every limit."""
-    return allocate_milp(list(scores), dict(costs), dict(limits), time_limit=time_limit)
-
-
 def choice_policy(groups: Sequence[Sequence[str]], specs: Sequence[QuantSpec],
                   choice: Sequence[int], meta: Mapping | None = None) -> Policy:
     """A weight-only Policy: every member of group g gets specs[choice[g]]."""
@@ -358,124 +347,7 @@ def choice_policy(groups: Sequence[Sequence[str]], specs: Sequence[QuantSpec],
 
 def pairwise_value(choice: Sequence[int], phi: np.ndarray, k_matrix: np.ndarray,
                    n_levels: int, risk: float) -> float:
-    """phi'q - risk q'Kq of a choice, q_{g,k} = [choice_g >= k]: allocate_pairwise's objective."""
+    """phi'q - risk q'Kq of a choice, q_{g,k} = [choice_g >= k]: the pairwise objective (what
+    `smpq.alloc.allocate_quadratic(phi, K, ..., risk)` maximises), for reports and tests."""
     q = np.array([float(c >= k) for c in choice for k in range(1, n_levels)])
     return float(phi @ q - risk * q @ k_matrix @ q)
-
-
-def _pairwise_milp(phi, k_mat, costs, limits, n_levels, risk, time_limit):
-    """argmax of phi'q - risk q'Kq as a MILP over q (binary) and y = q_i q_j (continuous)."""
-    n_groups = len(next(iter(costs.values())))
-    lv = n_levels - 1
-    n_q = n_groups * lv
-    lin = np.asarray(phi, float) - risk * np.diag(k_mat)
-    pairs, coef = [], []
-    for i in range(n_q):
-        for j in range(i + 1, n_q):
-            c = -risk * (k_mat[i, j] + k_mat[j, i])
-            if c == 0:
-                continue
-            if i // lv == j // lv:
-                lin[j] += c  # q_i q_j = q_j for j above i in the same group
-            else:
-                pairs.append((i, j))
-                coef.append(c)
-    n_y = len(pairs)
-    obj = -np.concatenate([lin, coef])
-    obj = obj / (np.max(np.abs(obj)) or 1.0)
-    r_idx, c_idx, vals, hi = [], [], [], []
-
-    def row(entries: Sequence[tuple[int, float]], upper: float) -> None:
-        for col, v in entries:
-            r_idx.append(len(hi))
-            c_idx.append(col)
-            vals.append(v)
-        hi.append(upper)
-
-    for g in range(n_groups):
-        for k in range(lv - 1):
-            row([(g * lv + k + 1, 1.0), (g * lv + k, -1.0)], 0.0)
-    for t, ((i, j), c) in enumerate(zip(pairs, coef, strict=True)):
-        if c < 0:  # penalised: y >= q_i + q_j - 1 (y >= 0 by its bound)
-            row([(i, 1.0), (j, 1.0), (n_q + t, -1.0)], 1.0)
-        else:  # rewarded: y <= q_i, y <= q_j
-            row([(n_q + t, 1.0), (i, -1.0)], 0.0)
-            row([(n_q + t, 1.0), (j, -1.0)], 0.0)
-    for m, lim in limits.items():
-        base = sum(float(c[0]) for c in costs[m])
-        deltas = np.concatenate([np.diff(c) for c in costs[m]])
-        scale = max(abs(lim - base), float(np.abs(deltas).sum()), 1e-30)
-        row([(p, d / scale) for p, d in enumerate(deltas) if d != 0], (lim - base) / scale)
-    cons = []
-    if hi:
-        a = sparse.csr_matrix((vals, (r_idx, c_idx)), shape=(len(hi), n_q + n_y))
-        cons = [LinearConstraint(a, -np.inf, np.array(hi))]
-    res = milp(obj, integrality=np.concatenate([np.ones(n_q), np.zeros(n_y)]),
-               bounds=Bounds(0, 1), constraints=cons,
-               options={"mip_rel_gap": 0.0, "time_limit": time_limit})
-    if res.x is None:
-        return None
-    q = np.round(res.x[:n_q]).reshape(n_groups, lv)
-    return tuple(int(x) for x in q.sum(axis=1))
-
-
-def _solve_within(phi, k_mat, costs, limits, n_levels, risk, time_limit):
-    """_pairwise_milp, re-solved with the limits tightened by any violation HiGHS let through."""
-    work = dict(limits)
-    for _ in range(5):
-        choice = _pairwise_milp(phi, k_mat, costs, work, n_levels, risk, time_limit)
-        if choice is None:
-            return None
-        over = {m: _total(costs[m], choice) - lim for m, lim in limits.items()}
-        bad = {m: o for m, o in over.items() if o > 1e-9 * max(abs(limits[m]), 1e-12)}
-        if not bad:
-            return choice
-        for m, o in bad.items():
-            work[m] -= 2 * o
-    raise SmpqError("could not meet the limits to relative precision 1e-9; loosen the budget")
-
-
-def _total(layers: Sequence[np.ndarray], choice: Sequence[int]) -> float:
-    return math.fsum(float(c[k]) for c, k in zip(layers, choice, strict=True))
-
-
-def _tight(layers: Sequence[np.ndarray], choice: Sequence[int], slack: float) -> bool:
-    steps = [float(np.min(up)) for c, k in zip(layers, choice, strict=True)
-             if (up := c[c > c[k]] - c[k]).size]
-    return bool(steps) and slack < min(steps)
-
-
-def allocate_pairwise(
-    phi: np.ndarray, k_matrix: np.ndarray, costs: Mapping[str, list[np.ndarray]],
-    limits: Mapping[str, float], n_levels: int, risk: float = 1.0, time_limit: float = 60,
-) -> Allocation:
-    """Exact maximiser of phi'q - risk q'Kq (module docstring) under every limit."""
-    costs = {m: [np.asarray(c, float) for c in v] for m, v in costs.items()}
-    limits = {m: float(v) for m, v in limits.items()}
-    unknown = set(limits) - set(costs)
-    if unknown:
-        raise SmpqError(f"limits for metrics without costs: {sorted(unknown)}")
-    for m, lim in limits.items():
-        low = math.fsum(float(np.min(c)) for c in costs[m])
-        if low > lim + 1e-9 * max(abs(lim), 1e-12):
-            raise SmpqError(f"budget infeasible: {m} limit {lim:.6g} is below the cheapest "
-                            f"reachable {low:.6g}")
-    args = (phi, k_matrix, costs)
-    start = time.perf_counter()
-    choice = _solve_within(*args, limits, n_levels, risk, time_limit)
-    seconds = time.perf_counter() - start
-    if choice is None:
-        raise SmpqError("budget infeasible: no policy meets all limits at once")
-    score = pairwise_value(choice, phi, k_matrix, n_levels, risk)
-    binding = []
-    for m in limits:
-        rest = {x: v for x, v in limits.items() if x != m}
-        relaxed = _solve_within(*args, rest, n_levels, risk, time_limit)
-        if relaxed and pairwise_value(relaxed, phi, k_matrix, n_levels, risk) > score + 1e-9 * (
-                abs(score) + 1e-12):
-            binding.append(m)
-    got = {m: _total(c, choice) for m, c in costs.items()}
-    slack = {m: lim - got[m] for m, lim in limits.items()}
-    tight = tuple(m for m in limits if _tight(costs[m], choice, slack[m]))
-    return Allocation(choice, score, got, limits, slack, tuple(binding), tight, "optimal",
-                      seconds)

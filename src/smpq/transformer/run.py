@@ -37,7 +37,7 @@ import torch
 
 from smpq import strategy
 from smpq.alloc import Allocation
-from smpq.cost import Budget, ModelCost
+from smpq.cost import Budget, ModelCost, ResolvedBudget
 from smpq.errors import SmpqError
 from smpq.fileio import atomic_write_text
 from smpq.shapley import ShapleyResult
@@ -169,12 +169,17 @@ class PTQSession:
             self.swapper = WeightSwapper(self.model, self.candidates.weights)
         return self
 
-    def check(self, budget: Budget) -> dict[str, float]:
-        """Raise SmpqError if no policy over the candidates fits; returns the limits."""
+    def resolve(self, budget: Budget) -> ResolvedBudget:
+        """The budget's limits, once per run; raises SmpqError if no policy over the
+        candidates fits."""
         from smpq.spec import LayerChoice
 
         allowed = {n: [LayerChoice(s, None) for s in self.specs] for n in self.linears}
-        return budget.ensure_feasible(self.cost, allowed)
+        return budget.resolve(self.cost, allowed)
+
+    def check(self, budget: Budget) -> dict[str, float]:
+        """Raise SmpqError if no policy over the candidates fits; returns the limits."""
+        return self.resolve(budget).limits
 
     # -- data and values ----------------------------------------------------------------
     def _data(self) -> None:
@@ -293,11 +298,12 @@ class PTQSession:
         return costs, limits
 
     def allocate(self, method: str, scores: Any, budget: Budget,
-                 result: ShapleyResult | None = None, config: MixedConfig = MixedConfig()
-                 ) -> Allocation | tuple[int, ...]:
+                 result: ShapleyResult | None = None, config: MixedConfig = MixedConfig(),
+                 resolved: ResolvedBudget | None = None) -> Allocation | tuple[int, ...]:
         """Allocate precomputed scores as the registered `method` does (nothing measured)."""
         problem = SearchProblem(self, self.cost, budget, self.specs, options={
-            "scores": scores, "shapley_result": result, "config": config})
+            "scores": scores, "shapley_result": result, "config": config,
+            "resolved": resolved or self.resolve(budget)})
         return strategy.get(method, "transformer")(problem).detail.allocation
 
     def evaluate(self, choice: tuple[int, ...]) -> dict[str, float]:
@@ -392,11 +398,13 @@ def run_ptq(model: str, budget: str | Budget, backend: str = "rtn", method: str 
     out = Path(out)
     start = time.perf_counter()
     session = PTQSession(model, backend, candidates, settings, out, progress)
-    limits = session.check(budget)
+    resolved = session.resolve(budget)
+    limits = resolved.limits
     session.prepare()
     session.progress("score", 0, 1)
     found = find(SearchProblem(session, session.cost, budget, session.specs, seed=seed, options={
-        "config": config, "state_path": out / "shapley_state.json", "resume": resume}))
+        "config": config, "state_path": out / "shapley_state.json", "resume": resume,
+        "resolved": resolved}))
     d = found.detail
     alloc, choice, scores, result, errors, score_cost = (
         d.allocation, d.choice, d.scores, d.shapley, d.errors, d.cost)

@@ -6,7 +6,7 @@ Each (layer, format) is quantized ONCE by the backend and cached as safetensors 
 fingerprint (float weight, spec, backend, calibration digest), so a killed run redoes none.
 
 Baselines: each method scores every (group, candidate) -- higher is better -- and all of them are
-allocated by the same exact MILP as the Shapley scores (`mixed.allocate_groups`), so only the
+allocated by the same exact MILP as the Shapley scores (`smpq.alloc.allocate_milp`), so only the
 scores differ. dW = Q_k(W) - W is taken from the candidate weights of the chosen backend (the
 weights that will be deployed), W the float weight. Score = -(sum of the group's layer errors).
 
@@ -52,7 +52,7 @@ __all__ = [
     "ScoreResult",
     "baseline_scores", "build_candidates", "contrastive_loss", "gradient_moments",
     "group_scores", "hessian_errors", "layer_errors", "lm_loss", "parse_candidates",
-    "spec_key", "uniform_choice",
+    "spec_key",
 ]
 
 DEFAULT_CANDIDATES = "int2g32,int3g32,int4g32,int8g32"
@@ -346,19 +346,6 @@ def group_scores(errors: Mapping[str, Sequence[float]],
     return tuple(-np.sum([np.asarray(errors[n], float) for n in g], axis=0) for g in groups)
 
 
-def uniform_choice(costs: Mapping[str, Sequence[np.ndarray]],
-                   limits: Mapping[str, float]) -> tuple[int, ...]:
-    """The highest candidate level whose uniform policy fits every limit."""
-    n_groups = len(next(iter(costs.values())))
-    n_levels = len(next(iter(costs.values()))[0])
-    for level in reversed(range(n_levels)):
-        if all(math.fsum(float(c[level]) for c in costs[m]) <= lim + 1e-9 * max(abs(lim), 1e-12)
-               for m, lim in limits.items()):
-            return (level,) * n_groups
-    raise SmpqError("budget infeasible for a uniform policy: even every group at the lowest "
-                    "candidate exceeds a limit")
-
-
 def baseline_scores(
     method: str, linears: Mapping[str, nn.Linear], groups: Sequence[Sequence[str]],
     candidates: Candidates, *, stats: Mapping[str, Any] | None = None,
@@ -368,7 +355,7 @@ def baseline_scores(
 
     hessian/relerr need `stats` (collect_input_stats), fisher/gradxdw `moments`
     (gradient_moments, over `n_grad_batches`). uniform's scores are the candidate ranks; its
-    allocation is `uniform_choice`, not the MILP."""
+    allocation is `smpq.alloc.uniform_choice`, not the MILP."""
     if method not in METHODS:
         raise SmpqError(f"unknown score method {method!r}; known: {', '.join(METHODS)}")
     start = time.perf_counter()

@@ -27,26 +27,25 @@ from typing import Any
 
 import numpy as np
 
-from smpq.alloc import Allocation
-from smpq.cost import Budget
+from smpq.alloc import Allocation, allocate_milp, allocate_quadratic, uniform_choice
+from smpq.cost import ResolvedBudget
 from smpq.shapley import ShapleyResult
 from smpq.strategy import SearchProblem, StrategyResult, register
 from smpq.transformer.mixed import (
     MixedConfig,
-    allocate_groups,
-    allocate_pairwise,
     choice_policy,
     choice_scores,
+    group_costs,
     interaction_matrix,
     pairwise_lambda,
 )
-from smpq.transformer.scores import METHODS, spec_key, uniform_choice
+from smpq.transformer.scores import METHODS, spec_key
 
 __all__ = ["Allocated"]
 
 Scores = tuple[np.ndarray, ...]
 Scored = tuple[Scores, dict | None, ShapleyResult | None, dict]
-Allocator = Callable[[Any, Scores, Budget, ShapleyResult | None, MixedConfig],
+Allocator = Callable[[Any, Scores, ResolvedBudget, ShapleyResult | None, MixedConfig],
                      Allocation | tuple[int, ...]]
 
 
@@ -92,29 +91,29 @@ def _baseline_scores(method: str) -> Callable[[SearchProblem], Scored]:
     return score
 
 
-def _milp(s: Any, scores: Scores, budget: Budget, result: ShapleyResult | None,
+def _milp(s: Any, scores: Scores, resolved: ResolvedBudget, result: ShapleyResult | None,
           config: MixedConfig) -> Allocation:
-    costs, limits = s.budget_costs(budget)
-    return allocate_groups(scores, costs, limits)
+    costs = group_costs(s.cost, s.groups, s.specs)
+    return allocate_milp(list(scores), costs, resolved.unit_limits, scales=resolved.scales)
 
 
-def _pairwise(s: Any, scores: Scores, budget: Budget, result: ShapleyResult | None,
+def _pairwise(s: Any, scores: Scores, resolved: ResolvedBudget, result: ShapleyResult | None,
               config: MixedConfig) -> Allocation:
-    costs, limits = s.budget_costs(budget)
+    costs = group_costs(s.cost, s.groups, s.specs)
     k = interaction_matrix(result, config.shrinkage)
-    return allocate_pairwise(result.estimate, k, costs, limits, len(s.specs),
-                             pairwise_lambda(k, config.risk))
+    return allocate_quadratic(result.estimate, k, costs, resolved.unit_limits,
+                              pairwise_lambda(k, config.risk), scales=resolved.scales)
 
 
-def _shapley_alloc(s: Any, scores: Scores, budget: Budget, result: ShapleyResult | None,
-                   config: MixedConfig) -> Allocation:
-    return (_pairwise if config.interactions else _milp)(s, scores, budget, result, config)
+def _shapley_alloc(s: Any, scores: Scores, resolved: ResolvedBudget,
+                   result: ShapleyResult | None, config: MixedConfig) -> Allocation:
+    return (_pairwise if config.interactions else _milp)(s, scores, resolved, result, config)
 
 
-def _uniform(s: Any, scores: Scores, budget: Budget, result: ShapleyResult | None,
+def _uniform(s: Any, scores: Scores, resolved: ResolvedBudget, result: ShapleyResult | None,
              config: MixedConfig) -> tuple[int, ...]:
-    costs, limits = s.budget_costs(budget)
-    return uniform_choice(costs, limits)
+    costs = group_costs(s.cost, s.groups, s.specs)
+    return uniform_choice(costs, resolved.unit_limits, scales=resolved.scales)
 
 
 def _strategy(name: str, score: Callable[[SearchProblem], Scored], allocate: Allocator
@@ -124,7 +123,8 @@ def _strategy(name: str, score: Callable[[SearchProblem], Scored], allocate: All
         scores, errors, result, cost = given or score(p)
         if given is None:
             s.progress("allocate", 0, 1)
-        alloc = allocate(s, scores, p.budget, result, p.options.get("config", MixedConfig()))
+        resolved = p.options.get("resolved") or s.resolve(p.budget)
+        alloc = allocate(s, scores, resolved, result, p.options.get("config", MixedConfig()))
         choice = alloc if isinstance(alloc, tuple) else alloc.choice
         policy = choice_policy(s.groups, s.specs, choice, meta={
             "method": name, "backend": s.backend, "budget": str(p.budget),

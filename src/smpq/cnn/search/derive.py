@@ -3,7 +3,7 @@
 A layer's choice is a (weight candidate, activation candidate) pair; its score is the sum of
 the two candidates' scores (contributions are additive over players), and its costs are the
 cost model's per-layer terms. The budgeted derivation is the multiple-choice knapsack solved
-exactly by `allocate_milp`.
+exactly by `smpq.alloc.allocate_milp`, on the budget resolved once (`resolve_budget`).
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from smpq.alloc import Allocation, allocate_milp
-from smpq.cost import Budget, ModelCost
-from smpq.errors import SmpqError
+from smpq.cost import Budget, ModelCost, ResolvedBudget
 from smpq.policy import Policy
 from smpq.spec import LayerChoice, QuantSpec
 
-__all__ = ["Derivation", "derive_argmax", "derive_budgeted", "pair_scores"]
+__all__ = ["Derivation", "argmax_within_budget", "derive_argmax", "derive_budgeted", "pair_scores",
+           "resolve_budget"]
 
 
 @dataclass(frozen=True)
@@ -75,28 +75,39 @@ def derive_budgeted(
     budget: Budget,
     fixed: Mapping[str, LayerChoice | None],
     pinned_reference: Mapping[str, LayerChoice | None] | None = None,
+    *,
+    resolved: ResolvedBudget | None = None,
 ) -> Derivation:
     """Maximise the total score of the searched layers subject to every budget constraint.
 
-    Fixed layers keep their choice; their cost is moved to the right-hand side.
+    Fixed layers keep their choice; their cost is moved to the right-hand side. `resolved`
+    (from `resolve_budget`) skips resolving the budget again.
     """
-    limits = budget.layer_limits(cost, pinned_reference)
     pairs = _pairs(w_specs, a_specs)
     names = list(scores)
-    for n, choice in fixed.items():
-        if n in scores:
-            continue
-        for m, v in cost.choice_cost(n, choice).items():
-            if m in limits:
-                limits[m] -= v
-    candidates = {n: pairs for n in names}
-    cands_fixed = {n: [c] for n, c in fixed.items() if n not in scores}
-    budget.ensure_feasible(cost, {**candidates, **cands_fixed}, pinned_reference)
+    if resolved is None:
+        resolved = resolve_budget(cost, names, w_specs, a_specs, budget, fixed, pinned_reference)
+    limits = resolved.unit_limits
     layer_scores = [pair_scores(*scores[n]) for n in names]
     costs = {m: [cost.choice_costs(n, pairs)[m] for n in names] for m in limits}
-    alloc = allocate_milp(layer_scores, costs, limits)
+    alloc = allocate_milp(layer_scores, costs, limits, scales=resolved.scales)
     chosen = {n: pairs[k] for n, k in zip(names, alloc.choice, strict=True)}
     return Derivation(_full_policy(cost.names, chosen, fixed), alloc)
+
+
+def resolve_budget(
+    cost: ModelCost,
+    names: Sequence[str],
+    w_specs: Sequence[QuantSpec],
+    a_specs: Sequence[QuantSpec],
+    budget: Budget,
+    fixed: Mapping[str, LayerChoice | None],
+    pinned_reference: Mapping[str, LayerChoice | None] | None = None,
+) -> ResolvedBudget:
+    """The budget over the searched layers `names` (every candidate pair) and the fixed rest."""
+    pairs = _pairs(w_specs, a_specs)
+    rest = {n: c for n, c in fixed.items() if n not in names}
+    return budget.resolve(cost, {n: pairs for n in names}, pinned_reference, rest)
 
 
 def argmax_within_budget(
@@ -109,14 +120,11 @@ def argmax_within_budget(
     pinned_reference: Mapping[str, LayerChoice | None] | None = None,
 ) -> Derivation:
     """EdMIPS derivation; if the argmax policy breaks the budget, fall back to the exact one."""
+    resolved = resolve_budget(cost, list(scores), w_specs, a_specs, budget, fixed,
+                              pinned_reference)
     pol = derive_argmax(cost.names, scores, w_specs, a_specs, fixed)
-    if all(r["ok"] for r in budget.check(cost, pol, pinned_reference)):
+    if resolved.fits(cost, pol):
         return Derivation(pol, None)
-    d = derive_budgeted(cost, scores, w_specs, a_specs, budget, fixed, pinned_reference)
+    d = derive_budgeted(cost, scores, w_specs, a_specs, budget, fixed, pinned_reference,
+                        resolved=resolved)
     return Derivation(d.policy, d.allocation, repaired=True)
-
-
-def check_scores(scores: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
-    for n, (sw, sa) in scores.items():
-        if not (np.all(np.isfinite(sw)) and np.all(np.isfinite(sa))):
-            raise SmpqError(f"non-finite scores for layer {n}")

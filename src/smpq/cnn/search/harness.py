@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from smpq.alloc.problem import tolerance
 from smpq.apply import calibrate_
 from smpq.cnn.search.common import StrategyResult
 from smpq.cnn.supernet import Supernet
@@ -44,7 +45,6 @@ __all__ = [
 ]
 
 Choice = tuple[int, ...]
-REL_TOL = 1e-9  # a limit holds when total <= limit * (1 + REL_TOL), as in Budget.check
 
 
 @dataclass(frozen=True)
@@ -132,13 +132,21 @@ class CostTables:
         return {m: c[rows, choices].sum(axis=1) + self.offsets[m] for m, c in self.costs.items()}
 
     def feasible(self, choices: np.ndarray) -> np.ndarray:
-        """Boolean mask of the choices that meet every limit."""
+        """Boolean mask of the choices that meet every limit (`smpq.alloc.fits`, as check)."""
         choices = np.atleast_2d(np.asarray(choices, dtype=np.int64))
         ok = np.ones(len(choices), dtype=bool)
         tot = self.totals(choices)
         for m, lim in self.limits.items():
-            ok &= tot[m] <= lim * (1 + REL_TOL)
+            ok &= tot[m] <= lim + tolerance(lim)
         return ok
+
+    def units(self) -> tuple[dict[str, list[np.ndarray]], dict[str, float], dict[str, float]]:
+        """(costs, limits, scales) on the searched layers' sums, what `smpq.alloc` takes.
+
+        The scales are the full limits, so a policy fits there exactly when it fits here."""
+        costs = {m: list(self.costs[m]) for m in self.limits}
+        limits = {m: lim - self.offsets[m] for m, lim in self.limits.items()}
+        return costs, limits, {m: abs(lim) for m, lim in self.limits.items()}
 
 
 def cost_tables(space: SearchSpace, cost: ModelCost, budget: Budget | None) -> CostTables:
@@ -152,8 +160,8 @@ def cost_tables(space: SearchSpace, cost: ModelCost, budget: Budget | None) -> C
             offsets[m] += v
     limits: dict[str, float] = {}
     if budget is not None:
-        cands = {**{n: pairs for n in space.names}, **{n: [c] for n, c in space.fixed.items()}}
-        limits = budget.ensure_feasible(cost, cands, space.fixed)
+        cands = {n: pairs for n in space.names}
+        limits = budget.resolve(cost, cands, space.fixed, space.fixed).limits
     return CostTables(costs, offsets, limits)
 
 

@@ -1,12 +1,9 @@
 """Random search and the exhaustive oracle: policies scored directly, post-training.
 
-Random search draws feasible policies *uniformly*: a dynamic program over one limited
-metric, with every layer's cost (above its cheapest choice) rounded down onto a grid of
-`buckets` steps of the headroom, counts and samples a superset of the feasible policies
-exactly uniformly (rounding down never drops a feasible policy); each draw is then checked
-exactly against every limit and rejected if it breaks one. Accepted draws are uniform over
-the feasible set. The grid metric is the one whose superset is smallest. Distinct policies
-are scored until `n_evaluations` forward passes are spent; the best on validation wins.
+Random search draws feasible policies *uniformly* (`smpq.alloc.sample_feasible`: a dynamic
+program over a superset on a grid, each draw checked exactly against every limit). Distinct
+policies are scored until `n_evaluations` forward passes are spent; the best on validation
+wins.
 
 The oracle enumerates every feasible policy of a small space and scores each one, which
 gives the best policy by validation value and the full table (policy index -> value, costs)
@@ -23,6 +20,8 @@ import numpy as np
 from torch import nn
 from torch.utils.data import Dataset
 
+from smpq import alloc
+from smpq.alloc.problem import tolerance
 from smpq.cnn.search.common import StrategyResult
 from smpq.cnn.search.harness import CostTables, Meter, PolicyEvaluator, SearchSpace, cost_tables
 from smpq.cost import Budget, ModelCost
@@ -37,70 +36,17 @@ MAX_ENUMERATE = 100_000_000  # enumerated in chunks, only feasible rows kept
 BUCKETS = 2_000
 
 
-# -- uniform feasible sampling --------------------------------------------------------------
-
-def _grid(costs: np.ndarray, room: float, buckets: int) -> np.ndarray:
-    """Integer units per (layer, pair), rounded down: a sum of floors <= floor of the sum."""
-    shifted = costs - costs.min(axis=1, keepdims=True)
-    step = max(room, 1e-300) / buckets
-    return np.floor(shifted / step * (1 - 1e-12)).astype(np.int64)
-
-
-def _cumulative_counts(units: np.ndarray, cap: int) -> list[np.ndarray]:
-    """C[l][t] = number of choices for layers < l with total units <= t (float64)."""
-    exact = np.zeros(cap + 1)
-    exact[0] = 1.0
-    out = [np.cumsum(exact)]
-    for u in units:
-        new = np.zeros(cap + 1)
-        for v in u[u <= cap]:
-            new[v:] += exact[: cap + 1 - v]
-        exact = new
-        out.append(np.cumsum(exact))
-    return out
-
-
-def _draw(units: np.ndarray, cap: int, counts: list[np.ndarray], n: int,
-          rng: np.random.Generator) -> np.ndarray:
-    """n policies uniform among those with total units <= cap, shape (n, layers)."""
-    layers, k = units.shape
-    remaining = np.full(n, cap, dtype=np.int64)
-    out = np.empty((n, layers), dtype=np.int64)
-    for li in reversed(range(layers)):
-        idx = remaining[:, None] - units[li][None, :]
-        w = np.where(idx >= 0, counts[li][np.clip(idx, 0, cap)], 0.0)
-        cum = np.cumsum(w, axis=1)
-        pick = np.minimum(np.sum(cum < rng.random(n)[:, None] * cum[:, -1:], axis=1), k - 1)
-        out[:, li] = pick
-        remaining -= units[li][pick]
-    return out
-
+# -- feasible policies (the shared sampler and enumerator of smpq.alloc.feasible) -----------
 
 def sample_feasible(tables: CostTables, n: int, rng: np.random.Generator,
                     buckets: int = BUCKETS, max_rounds: int = 1000) -> np.ndarray:
     """n policies (n, layers) drawn uniformly, with replacement, from the feasible set."""
-    layers, k = next(iter(tables.costs.values())).shape
-    active = {m: lim for m, lim in tables.limits.items()
-              if tables.costs[m].max(axis=1).sum() + tables.offsets[m] > lim * (1 + 1e-9)}
-    if not active:
+    costs, limits, scales = tables.units()
+    if not limits:
+        layers, k = next(iter(tables.costs.values())).shape
         return rng.integers(0, k, size=(n, layers))
-    grids = {}
-    for m, lim in active.items():
-        room = lim * (1 + 1e-9) - tables.offsets[m] - tables.costs[m].min(axis=1).sum()
-        units = _grid(tables.costs[m], room, buckets)
-        counts = _cumulative_counts(units, buckets)
-        grids[m] = (counts[-1][buckets], units, counts)
-    _, units, counts = min(grids.values(), key=lambda g: g[0])
-    kept: list[np.ndarray] = []
-    have = 0
-    for _ in range(max_rounds):
-        draw = _draw(units, buckets, counts, max(2 * (n - have), 16), rng)
-        ok = draw[tables.feasible(draw)]
-        kept.append(ok[: n - have])
-        have += len(kept[-1])
-        if have >= n:
-            return np.concatenate(kept)
-    raise SmpqError("could not draw feasible policies: the budget admits almost none")
+    return alloc.sample_feasible(costs, limits, n, rng, buckets=buckets, max_rounds=max_rounds,
+                                 scales=scales)
 
 
 # -- the policy table -----------------------------------------------------------------------
@@ -119,7 +65,7 @@ class PolicyTable:
     def feasible(self, limits: Mapping[str, float]) -> np.ndarray:
         ok = np.ones(len(self.values), dtype=bool)
         for m, lim in limits.items():
-            ok &= self.costs[m] <= lim * (1 + 1e-9)
+            ok &= self.costs[m] <= lim + tolerance(lim)
         return ok
 
     def best(self, mask: np.ndarray | None = None) -> int:
@@ -160,21 +106,11 @@ def enumerate_feasible(tables: CostTables, max_policies: int | None = None,
 
     Enumerates in chunks; raises SmpqError as soon as more than `max_policies` are feasible.
     """
-    layers, k = next(iter(tables.costs.values())).shape
-    total = k**layers
-    if total > max_enumerate:
-        raise SmpqError(f"the space holds {total:.3g} policies, more than {max_enumerate:.3g} "
-                        "can be enumerated; use fewer layers or candidates")
-    kept, have = [], 0
-    for start in range(0, total, chunk):
-        idx = np.arange(start, min(start + chunk, total))
-        choices = np.stack(np.unravel_index(idx, (k,) * layers), axis=1)
-        kept.append(choices[tables.feasible(choices)])
-        have += len(kept[-1])
-        if max_policies is not None and have > max_policies:
-            raise SmpqError(f"more than {max_policies} feasible policies, the oracle's limit; "
-                            "use a smaller model, fewer candidates or a tighter budget")
-    return np.concatenate(kept)
+    costs, limits, scales = tables.units()
+    if not limits:  # no budget: every policy, still refusing large spaces
+        costs = {m: list(c) for m, c in tables.costs.items()}
+    return alloc.enumerate_feasible(costs, limits, max_policies=max_policies,
+                                    max_enumerate=max_enumerate, chunk=chunk, scales=scales)
 
 
 # -- strategies -----------------------------------------------------------------------------

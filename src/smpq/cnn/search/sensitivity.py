@@ -30,6 +30,7 @@ import numpy as np
 from torch import nn
 from torch.utils.data import Dataset
 
+from smpq.alloc.problem import fits
 from smpq.cnn.search.common import StrategyResult
 from smpq.cnn.search.derive import derive_budgeted
 from smpq.cnn.search.harness import (
@@ -199,7 +200,7 @@ def _violation(tables: CostTables, choice: Choice) -> dict[str, float]:
     if ok:
         return {}
     return {m: float(tot[m][0]) - lim for m, lim in tables.limits.items()
-            if tot[m][0] > lim * (1 + 1e-9)}
+            if not fits(float(tot[m][0]), lim)}
 
 
 def greedy(
