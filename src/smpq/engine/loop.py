@@ -1,0 +1,256 @@
+"""The default allocator: a game on the deployed policy, a pairwise surrogate, evaluation in the loop.
+
+1. Screen. Evaluate random coalitions of the ladder game in antithetic pairs (each a
+   deployable policy) and random policies on the budget frontier.
+2. Credit. Fit the pairwise surrogate (`engine.model`) to every evaluated policy; its ladder
+   Shapley values (closed form, bootstrap errors) are the credit, its deficit-pair
+   coefficients the interactions, its K-fold R^2 how far to trust it.
+3. Loop. Solve the surrogate's allocation exactly under every limit, take the top-K distinct
+   feasible policies not yet evaluated (plus the best-predicted neighbour of the incumbent),
+   evaluate them, refit, and repeat until the evaluation budget is spent or the best has not
+   improved for `patience` rounds.
+4. Return the best *evaluated* feasible policy: never worse than anything it looked at.
+
+The allocator sees the model only through `evaluate(choices) -> values` (higher is better),
+so CNNs and transformers share it. Its state is a JSON-able dict, saved after every round,
+so a killed search resumes where it stopped and reaches the same policy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from smpq.engine.model import QuadraticModel, bootstrap_shapley, fit_model
+from smpq.engine.solve import quadratic_topk, quadratic_value
+from smpq.engine.space import PolicySpace
+from smpq.errors import SmpqError
+from smpq.fileio import atomic_write_text
+
+__all__ = ["EngineConfig", "EngineResult", "min_evaluations", "run_engine"]
+
+Evaluate = Callable[[np.ndarray], np.ndarray]
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Knobs of the allocator; `evaluations` is the budget of value evaluations."""
+
+    evaluations: int = 300
+    screen_fraction: float = 0.3
+    frontier_share: float = 0.5
+    top_k: int = 4
+    patience: int = 8
+    bootstrap: int = 20
+    seed: int = 0
+    time_limit: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.top_k, int) or self.top_k < 1:
+            raise SmpqError(f"top_k must be an integer >= 1, got {self.top_k!r}")
+        if not 0 < self.screen_fraction < 1:
+            raise SmpqError("screen_fraction must be in (0, 1)")
+        if not 0 <= self.frontier_share <= 1:
+            raise SmpqError("frontier_share must be in [0, 1]")
+        if self.patience < 1 or self.bootstrap < 0:
+            raise SmpqError("patience must be >= 1 and bootstrap >= 0")
+
+
+def min_evaluations(space: PolicySpace, config: EngineConfig) -> int:
+    """The fewest evaluations one screening plus one loop round needs."""
+    return 4 + config.top_k
+
+
+@dataclass
+class EngineResult:
+    """The best evaluated policy and everything the report shows."""
+
+    choice: tuple[int, ...]
+    value: float
+    evaluations: int
+    seconds: float
+    rounds: list[dict] = field(default_factory=list)
+    history: list[float] = field(default_factory=list)  # best feasible value after each eval
+    shapley: list[float] = field(default_factory=list)
+    shapley_se: list[float] = field(default_factory=list)
+    interactions: list[dict] = field(default_factory=list)
+    r2_cv: float = float("nan")
+    stopped: str = "budget"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _State:
+    """Evaluated policies in order, round log, and where the run is."""
+
+    def __init__(self, fingerprint: dict):
+        self.fingerprint = fingerprint
+        self.choices: list[tuple[int, ...]] = []
+        self.values: list[float] = []
+        self.rounds: list[dict] = []
+        self.screened = False
+        self.stale = 0
+        self.seconds = 0.0
+
+    def to_dict(self) -> dict:
+        return {"version": STATE_VERSION, "fingerprint": self.fingerprint,
+                "choices": [list(c) for c in self.choices], "values": self.values,
+                "rounds": self.rounds, "screened": self.screened, "stale": self.stale,
+                "seconds": self.seconds}
+
+    @classmethod
+    def from_dict(cls, data: Mapping, fingerprint: dict) -> _State:
+        if data.get("version") != STATE_VERSION or data.get("fingerprint") != fingerprint:
+            raise SmpqError("the checkpoint belongs to another search (space, budget or "
+                            "settings differ); use a fresh --out or drop --resume")
+        st = cls(fingerprint)
+        st.choices = [tuple(int(x) for x in c) for c in data["choices"]]
+        st.values = [float(v) for v in data["values"]]
+        st.rounds = list(data["rounds"])
+        st.screened = bool(data["screened"])
+        st.stale = int(data["stale"])
+        st.seconds = float(data["seconds"])
+        return st
+
+
+def _fingerprint(space: PolicySpace, config: EngineConfig) -> dict:
+    costs = {m: [np.asarray(r, float).round(9).tolist() for r in rows]
+             for m, rows in sorted(space.costs.items())}
+    return {"units": list(space.units), "grids": [list(g) for g in space.grids],
+            "limits": {m: float(v) for m, v in sorted(space.limits.items())},
+            "costs": hashlib.sha256(json.dumps(costs).encode()).hexdigest()[:16],
+            "config": {k: v for k, v in asdict(config).items() if k != "evaluations"}}
+
+
+def _best(space: PolicySpace, st: _State) -> tuple[tuple[int, ...] | None, float]:
+    if not st.choices:
+        return None, -math.inf
+    ok = space.fits(np.array(st.choices))
+    best, val = None, -math.inf
+    for c, v, f in zip(st.choices, st.values, ok, strict=True):
+        if f and v > val:
+            best, val = c, v
+    return best, val
+
+
+def _best_neighbours(space: PolicySpace, model: QuadraticModel, centres: list,
+                     skip: set, n: int) -> list[tuple[int, ...]]:
+    """The n best-predicted feasible, unseen one-move neighbours of the centres."""
+    if n <= 0 or not centres:
+        return []
+    nb = np.unique(np.concatenate([space.neighbours(np.array(c)) for c in centres]), axis=0)
+    nb = nb[space.fits(nb)] if len(nb) else nb
+    nb = np.array([c for c in nb if tuple(int(x) for x in c) not in skip], dtype=np.int64)
+    if not len(nb):
+        return []
+    order = np.argsort(-model.predict(space, nb), kind="stable")[:n]
+    return [tuple(int(x) for x in nb[i]) for i in order]
+
+
+def run_engine(space: PolicySpace, evaluate: Evaluate, config: EngineConfig | None = None, *,
+               checkpoint: str | Path | None = None, resume: bool = False,
+               progress: Callable[[int, int, float], None] | None = None) -> EngineResult:
+    """Search `space` with at most `config.evaluations` calls' worth of policies."""
+    cfg = config or EngineConfig()
+    space.check_feasible()
+    need = min_evaluations(space, cfg)
+    if cfg.evaluations < need:
+        raise SmpqError(f"an evaluation budget of {cfg.evaluations} is below the {need} one "
+                        f"screening and one round need")
+    fp = _fingerprint(space, cfg)
+    path = Path(checkpoint) if checkpoint is not None else None
+    st = _State(fp)
+    if resume and path is not None and path.exists():
+        try:
+            st = _State.from_dict(json.loads(path.read_text()), fp)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SmpqError(f"cannot resume from {path}: {e}") from None
+    start = time.perf_counter() - st.seconds
+    seen = set(st.choices)
+
+    def spend(batch: np.ndarray) -> np.ndarray:
+        fresh = []
+        for c in np.atleast_2d(batch):
+            t = tuple(int(x) for x in c)
+            if t not in seen and len(st.choices) + len(fresh) < cfg.evaluations:
+                fresh.append(t)
+                seen.add(t)
+        if not fresh:
+            return np.zeros(0)
+        vals = np.asarray(evaluate(np.array(fresh)), dtype=float)
+        if vals.shape != (len(fresh),) or not np.all(np.isfinite(vals)):
+            raise SmpqError("the value function returned non-finite or misshapen values")
+        st.choices.extend(fresh)
+        st.values.extend(float(v) for v in vals)
+        if progress is not None:
+            progress(len(st.choices), cfg.evaluations, _best(space, st)[1])
+        return vals
+
+    def save() -> None:
+        st.seconds = time.perf_counter() - start
+        if path is not None:
+            atomic_write_text(path, json.dumps(st.to_dict()) + "\n")
+
+    rng = np.random.default_rng([cfg.seed, len(st.choices), len(st.rounds)])
+    if not st.screened:
+        n_screen = max(need - cfg.top_k, int(cfg.screen_fraction * cfg.evaluations))
+        n_front = int(round(cfg.frontier_share * n_screen))
+        batch = [space.random_maximal(rng, n_front), space.random_ladder(rng, n_screen - n_front)]
+        spend(np.concatenate(batch))
+        st.screened = True
+        save()
+
+    model: QuadraticModel | None = None
+    stopped = "budget"
+    while len(st.choices) < cfg.evaluations:
+        model = fit_model(space, np.array(st.choices), np.array(st.values), seed=cfg.seed)
+        linear, quad = model.choice_tables(space)
+        room = cfg.evaluations - len(st.choices)
+        picks = quadratic_topk(space, linear, quad, k=1, exclude=st.choices,
+                               time_limit=cfg.time_limit)
+        best_before, val_before = _best(space, st)
+        picks += _best_neighbours(space, model, [*picks, *([best_before] if best_before else [])],
+                                  seen | set(picks), min(cfg.top_k, room) - len(picks))
+        if not picks:
+            stopped = "exhausted"
+            break
+        pred = quadratic_value(linear, quad, np.array(picks)) + model.intercept
+        got = spend(np.array(picks))
+        _, val_after = _best(space, st)
+        st.stale = 0 if val_after > val_before else st.stale + 1
+        st.rounds.append({"round": len(st.rounds) + 1, "evaluations": len(st.choices),
+                          "predicted": [float(p) for p in pred[:len(got)]],
+                          "measured": [float(v) for v in got],
+                          "best": float(val_after), "r2_cv": float(model.r2_cv),
+                          "lambda": model.lam, "pair_scale": model.pair_scale})
+        save()
+        if st.stale >= cfg.patience:
+            stopped = "stable"
+            break
+
+    if model is None or model.n_fit != len(st.choices):
+        model = fit_model(space, np.array(st.choices), np.array(st.values), seed=cfg.seed)
+    best, val = _best(space, st)
+    if best is None:
+        raise SmpqError("no evaluated policy meets the budget")
+    se = bootstrap_shapley(space, np.array(st.choices), np.array(st.values), model,
+                           n_boot=cfg.bootstrap, seed=cfg.seed)
+    history, run = [], -math.inf
+    ok = space.fits(np.array(st.choices))
+    for v, f in zip(st.values, ok, strict=True):
+        run = max(run, v) if f else run
+        history.append(run)
+    save()
+    return EngineResult(best, val, len(st.choices), time.perf_counter() - start, st.rounds,
+                        history, model.shapley(space).tolist(), se.tolist(),
+                        model.top_interactions(space), float(model.r2_cv), stopped)
