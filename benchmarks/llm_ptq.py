@@ -213,7 +213,7 @@ def run_plan(plan: Plan) -> PlanRun:
                     "binding": list(getattr(alloc, "binding", ())),
                     "achieved_avg_bits": _avg_bits(session, choice)})
     for bits in plan.budgets:
-        costs, limits = session.budget_costs(Budget.parse(f"avg_bits={bits}"))
+        costs, limits, _ = session.budget_costs(Budget.parse(f"avg_bits={bits}"))
         fc = count_feasible(costs, limits)
         out.budgets[str(bits)] = {"log10_feasible": fc.log10, "exact": fc.exact}
     log.info("%s done in %.0fs", plan.name, time.perf_counter() - t0)

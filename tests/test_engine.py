@@ -1,4 +1,4 @@
-"""The allocation engine: policy space, surrogate, exact top-K, and the loop, against brute force."""
+"""The allocation engine: policy space, surrogate, exact top-K and the loop, vs brute force."""
 
 from __future__ import annotations
 

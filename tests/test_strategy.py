@@ -156,7 +156,7 @@ def _fake_session(n_groups: int, sizes: np.ndarray, limit: float):
     return SimpleNamespace(
         cost=cost, specs=specs, groups=[[f"l{g}"] for g in range(n_groups)], backend="rtn",
         model_name="fake", progress=lambda *a: None,
-        budget_costs=lambda budget: (costs, {"size": limit}))
+        budget_costs=lambda budget, resolved=None: (costs, {"size": limit}, None))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

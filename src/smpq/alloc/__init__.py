@@ -3,7 +3,7 @@
 | module     | what                                                                        |
 |------------|-----------------------------------------------------------------------------|
 | problem    | units x candidates x metrics, limits, the one `fits` tolerance, messages     |
-| objectives | linear and quadratic objectives and their exact MILP formulations            |
+| objectives | linear, ladder-quadratic and pairwise objectives and their exact MILPs      |
 | milp       | the solver loop, the binding report, top-K distinct policies, brute force    |
 | feasible   | count, sample and enumerate the feasible policies; the Pareto front         |
 | uniform    | the uniform baseline (one level for every unit)                             |
@@ -19,6 +19,7 @@ from typing import Any
 _WHERE = {
     "Allocation": "milp",
     "LinearObjective": "objectives",
+    "PairwiseObjective": "objectives",
     "QuadraticObjective": "objectives",
     "allocate_bruteforce": "milp",
     "allocate_milp": "milp",

@@ -24,9 +24,11 @@ from scipy.optimize import Bounds, milp
 from smpq.alloc.objectives import (
     Choice,
     LinearObjective,
+    PairwiseObjective,
     QuadraticObjective,
     _enumerate,
     _Linear,
+    _Pairwise,
     _Quadratic,
 )
 from smpq.alloc.problem import REL_TOL, Problem, total
@@ -35,6 +37,7 @@ from smpq.errors import SmpqError
 __all__ = [
     "Allocation",
     "LinearObjective",
+    "PairwiseObjective",
     "QuadraticObjective",
     "allocate_bruteforce",
     "allocate_milp",
@@ -43,6 +46,7 @@ __all__ = [
     "allocate_topk",
 ]
 
+Objective = LinearObjective | QuadraticObjective | PairwiseObjective
 MAX_BRUTEFORCE = 2_000_000
 MAX_CUTS = 100
 
@@ -75,11 +79,11 @@ class Allocation:
 
 # ---------------------------------------------------------------------------- solvers
 
-_Solve = Callable[[Problem, "_Linear | _Quadratic", tuple[str, ...], "float | None",
+_Solve = Callable[[Problem, "_Linear | _Quadratic | _Pairwise", tuple[str, ...], "float | None",
                    Sequence[Choice]], tuple["Choice | None", str]]
 
 
-def _milp_solve(p: Problem, obj: _Linear | _Quadratic, metrics: tuple[str, ...],
+def _milp_solve(p: Problem, obj: _Linear | _Quadratic | _Pairwise, metrics: tuple[str, ...],
                 time_limit: float | None, excluded: Sequence[Choice] = ()
                 ) -> tuple[Choice | None, str]:
     """Optimal choice under `metrics`' limits other than `excluded`, or None when infeasible."""
@@ -112,7 +116,7 @@ def _milp_solve(p: Problem, obj: _Linear | _Quadratic, metrics: tuple[str, ...],
     )
 
 
-def _brute_solve(p: Problem, obj: _Linear | _Quadratic, metrics: tuple[str, ...],
+def _brute_solve(p: Problem, obj: _Linear | _Quadratic | _Pairwise, metrics: tuple[str, ...],
                  time_limit: float | None, excluded: Sequence[Choice] = ()
                  ) -> tuple[Choice | None, str]:
     """Optimal choice by enumeration; among ties the first in product order."""
@@ -137,13 +141,18 @@ def _brute_solve(p: Problem, obj: _Linear | _Quadratic, metrics: tuple[str, ...]
 # ---------------------------------------------------------------------------- the report
 
 
-def _allocate(objective: LinearObjective | QuadraticObjective, costs: object, limits: object,
+def _allocate(objective: Objective, costs: object, limits: object,
               time_limit: float | None, solve: _Solve, k: int = 1,
-              scales: Mapping[str, float] | None = None) -> tuple[Allocation, ...]:
-    """The k best distinct feasible policies, best first, each with the shared report."""
-    if isinstance(objective, LinearObjective):
-        obj: _Linear | _Quadratic = objective.bind(None)
-        p = Problem.build(costs, limits, tuple(len(s) for s in obj.scores), scales)
+              scales: Mapping[str, float] | None = None, exclude: Sequence[Choice] = (),
+              binding: bool = True) -> tuple[Allocation, ...]:
+    """The k best distinct feasible policies, best first, each with the shared report.
+
+    `exclude` removes policies up front (e.g. already evaluated); `binding=False` skips the
+    binding analysis (one extra solve per limit) when only the policies are wanted."""
+    if isinstance(objective, LinearObjective | PairwiseObjective):
+        obj: _Linear | _Quadratic | _Pairwise = objective.bind(None)
+        sizes = tuple(len(s) for s in (obj.scores if isinstance(obj, _Linear) else obj.linear))
+        p = Problem.build(costs, limits, sizes, scales)
     else:
         p = Problem.build(costs, limits, None, scales)
         obj = objective.bind(p.sizes)
@@ -156,9 +165,10 @@ def _allocate(objective: LinearObjective | QuadraticObjective, costs: object, li
         raise SmpqError(message)
     active = p.active()
     found: list[tuple[Choice, str, float]] = []
+    skip = [tuple(int(x) for x in c) for c in exclude]
     while len(found) < k:
         start = time.perf_counter()
-        choice, status = solve(p, obj, active, time_limit, [c for c, _, _ in found])
+        choice, status = solve(p, obj, active, time_limit, skip + [c for c, _, _ in found])
         if choice is None:
             break
         found.append((choice, status, time.perf_counter() - start))
@@ -170,7 +180,7 @@ def _allocate(objective: LinearObjective | QuadraticObjective, costs: object, li
         relaxed, _ = solve(p, obj, tuple(m for m in active if m != metric), time_limit, ())
         return relaxed is not None and obj.value(relaxed) > best + obj.score_tol
 
-    binding = tuple(m for m in active if binds(m))
+    binding = tuple(m for m in active if binds(m)) if binding else ()
     out = []
     for choice, status, seconds in found:
         totals = {m: total(layers, choice) for m, layers in p.costs.items()}
@@ -245,7 +255,7 @@ def allocate_quadratic_bruteforce(
 
 
 def allocate_topk(
-    objective: LinearObjective | QuadraticObjective,
+    objective: Objective,
     costs: Mapping[str, list[np.ndarray]],
     limits: Mapping[str, float],
     k: int,
@@ -253,12 +263,16 @@ def allocate_topk(
     *,
     scales: Mapping[str, float] | None = None,
     bruteforce: bool = False,
+    exclude: Sequence[Sequence[int]] = (),
+    binding: bool = True,
 ) -> tuple[Allocation, ...]:
     """The k best distinct feasible policies, best first (fewer when fewer are feasible).
 
-    Each solve adds a no-good cut on the policies found so far, so scores never increase
-    down the list; ties come in solver order. `binding` is the analysis of the best policy,
-    shared by every entry. `bruteforce=True` enumerates instead (at most 2e6 policies).
+    Each solve adds a no-good cut on the policies found so far (and on `exclude`), so scores
+    never increase down the list; ties come in solver order. `binding` is the analysis of the
+    best policy, shared by every entry (skipped with `binding=False`). `bruteforce=True`
+    enumerates instead (at most 2e6 policies).
     """
     return _allocate(objective, costs, limits, time_limit,
-                     _brute_solve if bruteforce else _milp_solve, k=k, scales=scales)
+                     _brute_solve if bruteforce else _milp_solve, k=k, scales=scales,
+                     exclude=exclude, binding=binding)

@@ -1,4 +1,4 @@
-"""The default allocator: a game on the deployed policy, a pairwise surrogate, evaluation in the loop.
+"""The default allocator: a game on the deployed policy, a pairwise surrogate, evaluation in loop.
 
 1. Screen. Evaluate random coalitions of the ladder game in antithetic pairs (each a
    deployable policy) and random policies on the budget frontier.

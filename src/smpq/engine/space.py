@@ -25,11 +25,10 @@ from functools import cached_property
 
 import numpy as np
 
+from smpq.alloc.problem import tolerance
 from smpq.errors import SmpqError
 
 __all__ = ["PolicySpace"]
-
-REL_TOL = 1e-9  # a limit holds when total <= limit + REL_TOL * max(|limit|, spread)
 
 
 @dataclass(frozen=True)
@@ -148,9 +147,8 @@ class PolicySpace:
         return out
 
     def tolerance(self, metric: str) -> float:
-        lim = float(self.limits[metric])
-        spread = sum(float(np.max(np.abs(r))) for r in self.costs[metric])
-        return REL_TOL * max(abs(lim), spread, 1e-300)
+        """The one tolerance (`smpq.alloc.problem`): a full-total limit, as `Budget.check`."""
+        return tolerance(float(self.limits[metric]))
 
     def fits(self, choices: np.ndarray) -> np.ndarray:
         """Boolean mask of the choices that meet every limit."""

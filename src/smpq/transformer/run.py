@@ -292,10 +292,13 @@ class PTQSession:
         return res.scores, res.errors, cost
 
     # -- allocation and evaluation ---------------------------------------------------------
-    def budget_costs(self, budget: Budget) -> tuple[dict, dict[str, float]]:
-        costs = group_costs(self.cost, self.groups, self.specs)
-        limits = budget.layer_limits(self.cost)
-        return costs, limits
+    def budget_costs(self, budget: Budget, resolved: ResolvedBudget | None = None
+                     ) -> tuple[dict, dict[str, float], dict[str, float]]:
+        """Per-group candidate costs, the unit limits and the tolerance scales: the
+        allocation problem of `budget`, resolved once (pass `resolved` to reuse it)."""
+        resolved = resolved or self.resolve(budget)
+        return (group_costs(self.cost, self.groups, self.specs), resolved.unit_limits,
+                resolved.scales)
 
     def allocate(self, method: str, scores: Any, budget: Budget,
                  result: ShapleyResult | None = None, config: MixedConfig = MixedConfig(),
@@ -303,7 +306,7 @@ class PTQSession:
         """Allocate precomputed scores as the registered `method` does (nothing measured)."""
         problem = SearchProblem(self, self.cost, budget, self.specs, options={
             "scores": scores, "shapley_result": result, "config": config,
-            "resolved": resolved or self.resolve(budget)})
+            "resolved": resolved})
         return strategy.get(method, "transformer")(problem).detail.allocation
 
     def evaluate(self, choice: tuple[int, ...]) -> dict[str, float]:

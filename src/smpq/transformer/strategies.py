@@ -28,14 +28,13 @@ from typing import Any
 import numpy as np
 
 from smpq.alloc import Allocation, allocate_milp, allocate_quadratic, uniform_choice
-from smpq.cost import ResolvedBudget
+from smpq.cost import Budget, ResolvedBudget
 from smpq.shapley import ShapleyResult
 from smpq.strategy import SearchProblem, StrategyResult, register
 from smpq.transformer.mixed import (
     MixedConfig,
     choice_policy,
     choice_scores,
-    group_costs,
     interaction_matrix,
     pairwise_lambda,
 )
@@ -45,7 +44,8 @@ __all__ = ["Allocated"]
 
 Scores = tuple[np.ndarray, ...]
 Scored = tuple[Scores, dict | None, ShapleyResult | None, dict]
-Allocator = Callable[[Any, Scores, ResolvedBudget, ShapleyResult | None, MixedConfig],
+Allocator = Callable[[Any, Scores, Budget, ResolvedBudget | None, ShapleyResult | None,
+                      MixedConfig],
                      Allocation | tuple[int, ...]]
 
 
@@ -91,29 +91,30 @@ def _baseline_scores(method: str) -> Callable[[SearchProblem], Scored]:
     return score
 
 
-def _milp(s: Any, scores: Scores, resolved: ResolvedBudget, result: ShapleyResult | None,
-          config: MixedConfig) -> Allocation:
-    costs = group_costs(s.cost, s.groups, s.specs)
-    return allocate_milp(list(scores), costs, resolved.unit_limits, scales=resolved.scales)
+def _milp(s: Any, scores: Scores, budget: Budget, resolved: ResolvedBudget | None,
+          result: ShapleyResult | None, config: MixedConfig) -> Allocation:
+    costs, limits, scales = s.budget_costs(budget, resolved)
+    return allocate_milp(list(scores), costs, limits, scales=scales)
 
 
-def _pairwise(s: Any, scores: Scores, resolved: ResolvedBudget, result: ShapleyResult | None,
-              config: MixedConfig) -> Allocation:
-    costs = group_costs(s.cost, s.groups, s.specs)
+def _pairwise(s: Any, scores: Scores, budget: Budget, resolved: ResolvedBudget | None,
+              result: ShapleyResult | None, config: MixedConfig) -> Allocation:
+    costs, limits, scales = s.budget_costs(budget, resolved)
     k = interaction_matrix(result, config.shrinkage)
-    return allocate_quadratic(result.estimate, k, costs, resolved.unit_limits,
-                              pairwise_lambda(k, config.risk), scales=resolved.scales)
+    return allocate_quadratic(result.estimate, k, costs, limits,
+                              pairwise_lambda(k, config.risk), scales=scales)
 
 
-def _shapley_alloc(s: Any, scores: Scores, resolved: ResolvedBudget,
+def _shapley_alloc(s: Any, scores: Scores, budget: Budget, resolved: ResolvedBudget | None,
                    result: ShapleyResult | None, config: MixedConfig) -> Allocation:
-    return (_pairwise if config.interactions else _milp)(s, scores, resolved, result, config)
+    return (_pairwise if config.interactions else _milp)(s, scores, budget, resolved, result,
+                                                         config)
 
 
-def _uniform(s: Any, scores: Scores, resolved: ResolvedBudget, result: ShapleyResult | None,
-             config: MixedConfig) -> tuple[int, ...]:
-    costs = group_costs(s.cost, s.groups, s.specs)
-    return uniform_choice(costs, resolved.unit_limits, scales=resolved.scales)
+def _uniform(s: Any, scores: Scores, budget: Budget, resolved: ResolvedBudget | None,
+             result: ShapleyResult | None, config: MixedConfig) -> tuple[int, ...]:
+    costs, limits, scales = s.budget_costs(budget, resolved)
+    return uniform_choice(costs, limits, scales=scales)
 
 
 def _strategy(name: str, score: Callable[[SearchProblem], Scored], allocate: Allocator
@@ -123,8 +124,8 @@ def _strategy(name: str, score: Callable[[SearchProblem], Scored], allocate: All
         scores, errors, result, cost = given or score(p)
         if given is None:
             s.progress("allocate", 0, 1)
-        resolved = p.options.get("resolved") or s.resolve(p.budget)
-        alloc = allocate(s, scores, resolved, result, p.options.get("config", MixedConfig()))
+        alloc = allocate(s, scores, p.budget, p.options.get("resolved"), result,
+                         p.options.get("config", MixedConfig()))
         choice = alloc if isinstance(alloc, tuple) else alloc.choice
         policy = choice_policy(s.groups, s.specs, choice, meta={
             "method": name, "backend": s.backend, "budget": str(p.budget),
