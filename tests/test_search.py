@@ -133,7 +133,8 @@ def test_resume_after_kill_reaches_same_policy(tmp_path):
     model = build_model("mlp", splits.input_shape, splits.num_classes, seed=0, hidden=(32, 16))
     train(model, splits.train, TrainConfig(epochs=2, seed=0))
     save_checkpoint(tmp_path / "fp", model, {"dataset": "digits"})
-    args = [sys.executable, "-m", "smpq.cli", "search", "--checkpoint", str(tmp_path / "fp"),
+    args = [sys.executable, "-m", "smpq.cli", "search", "--method", "smpq",
+            "--checkpoint", str(tmp_path / "fp"),
             "--epochs", "8", "--permutations", "4", "--w-bits", "2,4", "--a-bits", "4,8",
             "--finetune-epochs", "0", "--no-compare", "--no-pin"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

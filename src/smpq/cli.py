@@ -243,9 +243,15 @@ def _search_config(method, epochs, permutations, truncation, antithetic, value, 
 
 @app.command()
 def search(
-    method: str = typer.Option("smpq", help="smpq (Shapley) or dmpq (EdMIPS)."),
+    method: str = typer.Option(
+        "shapley-loop", help="shapley-loop (default: deployed-policy game, pairwise surrogate, "
+        "evaluation in the loop), smpq (the paper's Shapley supernet search), dmpq (EdMIPS), "
+        "or any CNN method `smpq compare` lists."),
     budget: str = typer.Option("bitops=uniform:3/3", help="Budget, e.g. bitops=uniform:3/3."),
     out: Path = typer.Option(Path("runs/search"), help="Output folder."),
+    evaluations: int = typer.Option(
+        300, help="shapley-loop/random: value evaluations (forward passes over validation)."),
+    top_k: int = typer.Option(4, help="shapley-loop: policies evaluated per loop round."),
     data: str = DataOpt, model: str = ModelOpt, checkpoint: Path = CkptOpt,
     cache: Path = CacheOpt, data_dir: str = DataDirOpt,
     epochs: int = typer.Option(8, min=1, help=SEARCH_HELP),
@@ -253,7 +259,9 @@ def search(
     truncation: float = typer.Option(
         0.5, help="Truncate once v(S)-v(empty) < tau x (v(full)-v(empty)); 0 = off."),
     antithetic: bool = typer.Option(False, help="Antithetic (reversed) permutation pairs."),
-    value: str = typer.Option("acc", help="v(S): acc or neg_loss on the validation split."),
+    value: str = typer.Option(
+        None, help="The value: neg_kl (-KL to the float model; shapley-loop's default), "
+        "neg_loss, or acc (smpq's default) on the validation split."),
     derive: str = typer.Option("milp", help="milp (exact under budget) or argmax."),
     renormalise: bool = typer.Option(False, help="Renormalise active mixing weights (ours)."),
     w_bits: str = typer.Option("2,3,4,8", help="Weight bit candidates."),
@@ -264,19 +272,31 @@ def search(
     resume: bool = typer.Option(False, help="Continue a killed run from out/checkpoint."),
     seed: int = SeedOpt,
 ) -> None:
-    """Search a mixed-precision policy under a budget (SMPQ or DMPQ), finetune, report."""
+    """Search a mixed-precision policy under a budget, finetune, report."""
+    from smpq import strategy
     from smpq.cnn.pipeline import default_pinned
+    from smpq.cnn.search.supernet_search import METHODS as SUPERNET
     from smpq.cost import Budget, trace_costs
     from smpq.workflows import ROW_COLS, run_search
 
-    cfg = _search_config(method, epochs, permutations, truncation, antithetic, value, derive,
+    strategy.get(method, "cnn")  # unknown names fail here, before any work
+    if top_k < 1:
+        raise SmpqError(f"--top-k must be at least 1, got {top_k}")
+    if evaluations < 1:
+        raise SmpqError(f"--evaluations must be at least 1, got {evaluations}")
+    supernet = method in SUPERNET
+    cfg = _search_config(method if supernet else "smpq", epochs, permutations, truncation,
+                         antithetic, (value or "acc") if supernet else "acc", derive,
                          renormalise, w_bits, a_bits, seed)
+    options = {} if supernet else {"n_evaluations": evaluations, "top_k": top_k,
+                                   "metric": value or "neg_kl"}
     bud = Budget.parse(budget)
     net, splits, _ = fp_model(data, model, checkpoint, cache, data_dir=data_dir)
     mc = trace_costs(net, splits.val[0][0][None])
     fixed = default_pinned(mc.names) if pin else {}
     rows = run_search(net, splits, mc, bud, cfg, fixed, out=out, resume=resume, compare=compare,
-                      finetune_epochs=finetune_epochs, seed=seed, progress=progress_bar)
+                      finetune_epochs=finetune_epochs, seed=seed, progress=progress_bar,
+                      method=method, options=options)
     console.print(_table(f"{method} at {bud}", rows, ROW_COLS))
     console.print(f"wrote {out}/policy.json, contributions.json, report.html")
 
@@ -328,7 +348,8 @@ def run(
     finetune_epochs: int = typer.Option(3, min=0, help="LSQ QAT epochs per policy."),
     seed: int = SeedOpt,
 ) -> None:
-    """The main job: float model (cached), SMPQ and DMPQ at one budget vs uniform."""
+    """The main job: float model (cached); at one budget the default allocator (shapley-loop),
+    the paper's SMPQ, DMPQ, the best uniform policy and random search, side by side."""
     from smpq.cnn.pipeline import default_pinned
     from smpq.cost import Budget, trace_costs
     from smpq.workflows import ROW_COLS, run_default
@@ -345,7 +366,7 @@ def run(
                   f"{res.agree} of {res.decisions} (layer, weight/activation) decisions")
     title = f"{model} on {data}, budget {bud} (first/last layer pinned at 8/8)"
     console.print(_table(title, res.rows, ROW_COLS))
-    console.print(f"wrote {out}/results.json, results.md and {out}/smpq/report.html")
+    console.print(f"wrote {out}/results.json, results.md and {out}/shapley-loop/report.html")
 
 
 @app.command()

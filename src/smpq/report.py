@@ -37,7 +37,7 @@ Z95 = 1.959963984540054
 KINDS = {"w": "weights", "a": "activations"}
 # File name of each figure inside the output folder (the HTML links them relatively).
 FIGURES = {k: f"{k}.png" for k in ("bits", "tradeoff", "contributions", "alpha_vs_shapley",
-                                    "history")}
+                                    "history", "value_curve", "interactions")}
 _METRIC_LABELS = {"bitops": "BitOPs", "size_bits": "model size (bits)", "avg_bits": "average bits"}
 _PHASE_COLOURS = {"warmup": "#fdd9b5", "search": "#cfe3f5"}
 PathLike = str | os.PathLike
@@ -435,7 +435,10 @@ def write_report(
     budget: Sequence[Mapping] | None = None,
     notes: list[str] | None = None,
 ) -> Path:
-    """Write the figures and ``report.html`` (relative image links) into `out_dir`."""
+    """Write the figures and ``report.html`` (relative image links) into `out_dir`.
+
+    An engine search (contributions with a `value_curve`) also gets the value-vs-evaluations
+    curve and the interaction heatmap (`smpq.report_engine`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     policy, contributions = _as_policy(policy), contributions or {}
@@ -448,14 +451,23 @@ def write_report(
                                                    out / FIGURES["alpha_vs_shapley"])),
         ("Search history", plot_history(contributions, out / FIGURES["history"])),
     ]
+    if contributions.get("value_curve"):
+        from smpq.report_engine import plot_interactions, plot_value_curve
+
+        figures += [("Best value vs evaluations", plot_value_curve(
+                        contributions, out / FIGURES["value_curve"])),
+                    ("Pairwise interactions", plot_interactions(
+                        contributions, out / FIGURES["interactions"]))]
     imgs = "".join(
         f'<figure><img src="{html.escape(p.name)}" alt="{html.escape(cap)}">'
         f"<figcaption>{html.escape(cap)}</figcaption></figure>"
         for cap, p in figures if p is not None)
     summary = (f"method: {contributions.get('method', 'n/a')}; value: "
                f"{contributions.get('value', 'n/a')}; candidates (players): "
-               f"{len(contributions.get('players') or [])}; epochs: "
-               f"{len(contributions.get('history') or [])}")
+               f"{len(contributions.get('players') or [])}; "
+               + (f"evaluations: {len(contributions['value_curve'])}; surrogate K-fold R^2: "
+                  f"{_fmt(contributions.get('r2_cv'))}" if contributions.get("value_curve")
+                  else f"epochs: {len(contributions.get('history') or [])}"))
     bits = policy.bits_table()
     policy_rows = [
         {"layer": n, "w": "fp32" if w >= FLOAT_BITS else w, "a": "fp32" if a >= FLOAT_BITS else a,

@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 KINDS = ("cnn", "transformer")
-_PROVIDERS = {"cnn": ("smpq.cnn.search.baselines",),
+_PROVIDERS = {"cnn": ("smpq.cnn.search.engine_search", "smpq.cnn.search.baselines"),
               "transformer": ("smpq.transformer.strategies",)}
 
 

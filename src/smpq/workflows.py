@@ -7,8 +7,8 @@ parses arguments, calls them and prints what they return.
 | run_search        | search         | policy.json, contributions.json, search_log.jsonl,       |
 |                   |                | summary.json, report.html + PNGs (`write_search_outputs`)|
 | run_compare       | compare        | policies/*.json, compare.json, compare.md, compare.png   |
-| run_default       | run            | smpq/ and dmpq/ as search, dmpq_alpha_vs_smpq_shapley.*, |
-|                   |                | results.json, results.md                                 |
+| run_default       | run            | shapley-loop/, smpq/ and dmpq/ as search,                |
+|                   |                | dmpq_alpha_vs_smpq_shapley.*, results.json, results.md   |
 
 Methods are looked up in `smpq.strategy`'s registry (through `compare.run_method`). Progress
 is reported through a `ProgressFactory`: `progress(description, total)` is a context manager
@@ -18,7 +18,7 @@ yielding a callback `(done, total, metrics=None)`; the default shows nothing.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +27,9 @@ from typing import Any
 from torch import nn
 
 from smpq.cnn.data import Splits
+from smpq.cnn.search.engine_search import DEFAULT_EVALUATIONS
+from smpq.cnn.search.engine_search import NAME as ENGINE
+from smpq.cnn.search.supernet_search import METHODS as SUPERNET_METHODS
 from smpq.cnn.search.supernet_search import SearchConfig, SearchOutcome
 from smpq.compare import best_uniform, policy_row, policy_row_and_model, run_method
 from smpq.cost import Budget, ModelCost
@@ -47,6 +50,7 @@ __all__ = [
     "run_compare",
     "run_default",
     "run_search",
+    "write_engine_outputs",
     "write_search_outputs",
 ]
 
@@ -104,42 +108,68 @@ def evaluate_policy(net: nn.Module, splits: Splits, mc: ModelCost, pol: Policy, 
 
 # -- search ---------------------------------------------------------------------------------
 
-def write_search_outputs(out: Path, outcome: SearchOutcome, rows: list[dict], budget: Budget,
-                         mc: ModelCost, fixed: Fixed) -> None:
+def _write_outputs(out: Path, policy: Policy, contributions: dict, log: Sequence[dict],
+                   binding: set[str], rows: list[dict], budget: Budget, mc: ModelCost,
+                   fixed: Fixed) -> None:
     """policy.json, contributions.json, search_log.jsonl, summary.json, report.html + PNGs."""
     from smpq.report import write_report
 
-    outcome.policy.save(out / "policy.json")
-    atomic_write_text(out / "contributions.json", json.dumps(outcome.contributions, indent=1))
-    atomic_write_text(out / "search_log.jsonl",
-                      "".join(json.dumps(h) + "\n" for h in outcome.history))
-    binding = set(outcome.derivation.summary()["binding"])
-    brows = [{**r, "binding": r["metric"] in binding}
-             for r in budget.check(mc, outcome.policy, fixed)]
+    policy.save(out / "policy.json")
+    atomic_write_text(out / "contributions.json", json.dumps(contributions, indent=1))
+    atomic_write_text(out / "search_log.jsonl", "".join(json.dumps(h) + "\n" for h in log))
+    brows = [{**r, "binding": r["metric"] in binding} for r in budget.check(mc, policy, fixed)]
     atomic_write_text(out / "summary.json", json.dumps(
-        {"rows": rows, "budget": brows, "policy_meta": dict(outcome.policy.meta)}, indent=2))
+        {"rows": rows, "budget": brows, "policy_meta": dict(policy.meta)}, indent=2))
     comparison = [{"method": r["method"], "val_acc": r["val_acc"], "test_acc": r["test_acc"],
                    "bitops": r["bitops"], "size_bits": r["size_bits"],
                    "avg_bits": r["avg_bits"]} for r in rows]
-    write_report(out, title=f"{outcome.policy.meta.get('method', 'search')} at {budget}",
-                 policy=outcome.policy, contributions=outcome.contributions,
-                 comparison=comparison, budget=brows)
+    write_report(out, title=f"{policy.meta.get('method', 'search')} at {budget}",
+                 policy=policy, contributions=contributions, comparison=comparison, budget=brows)
+
+
+def write_search_outputs(out: Path, outcome: SearchOutcome, rows: list[dict], budget: Budget,
+                         mc: ModelCost, fixed: Fixed) -> None:
+    """The files of a supernet search (smpq, dmpq)."""
+    _write_outputs(out, outcome.policy, outcome.contributions, outcome.history,
+                   set(outcome.derivation.summary()["binding"]), rows, budget, mc, fixed)
+
+
+def write_engine_outputs(out: Path, found: StrategyResult, rows: list[dict], budget: Budget,
+                         mc: ModelCost, fixed: Fixed) -> None:
+    """The files of an engine search (shapley-loop): the log holds one line per loop round,
+    predicted vs measured value."""
+    contributions = found.detail
+    _write_outputs(out, found.policy, contributions, contributions["rounds"], set(), rows,
+                   budget, mc, fixed)
 
 
 def run_search(net: nn.Module, splits: Splits, mc: ModelCost, budget: Budget,
                cfg: SearchConfig, fixed: Fixed, *, out: Path, resume: bool = False,
                compare: bool = True, finetune_epochs: int = 3, seed: int = 0,
-               progress: ProgressFactory = no_progress) -> list[dict]:
-    """cfg.method's search (and the best uniform policy), finetuned and scored; writes `out`."""
-    with progress(f"{cfg.method} search", cfg.epochs) as bar:
-        found, outcome = run_method(cfg.method, net, splits, mc, budget, fixed, cfg, out=out,
-                                    resume=resume, progress=_epochs(bar))
+               progress: ProgressFactory = no_progress, method: str | None = None,
+               options: Mapping[str, Any] | None = None) -> list[dict]:
+    """`method`'s search (default cfg.method; and the best uniform policy), finetuned and
+    scored; writes `out`. Supernet methods run cfg's epochs; the engine (shapley-loop) spends
+    `options["n_evaluations"]` value evaluations; cfg gives both the candidates and seed."""
+    method = method or cfg.method
+    options = dict(options or {})
+    supernet = method in SUPERNET_METHODS
+    total = cfg.epochs if supernet else int(options.get("n_evaluations", DEFAULT_EVALUATIONS))
+    with progress(f"{method} search", total) as bar:
+        tick = _epochs(bar) if supernet else (lambda done, planned, best: bar(done, planned))
+        found, outcome = run_method(method, net, splits, mc, budget, fixed, cfg, out=out,
+                                    resume=resume, progress=tick, **options)
     results = [found]
     if compare:
         results.append(best_uniform(mc, budget, cfg.w_bits, cfg.a_bits, fixed))
     rows = [policy_row(net, splits, mc, r, finetune_epochs=finetune_epochs, seed=seed)
             for r in results]
-    write_search_outputs(out, outcome, rows, budget, mc, fixed)
+    if outcome is not None:
+        write_search_outputs(out, outcome, rows, budget, mc, fixed)
+    elif isinstance(found.detail, dict) and "value_curve" in found.detail:
+        write_engine_outputs(out, found, rows, budget, mc, fixed)
+    else:
+        found.policy.save(out / "policy.json")
     return rows
 
 
@@ -152,15 +182,18 @@ def run_compare(methods: Sequence[str], net: nn.Module, splits: Splits, mc: Mode
     """Every method at one budget, finetuned alike; writes policies/, compare.json/.md/.png."""
     from smpq.report import plot_tradeoff
 
-    rows, smpq_evals = [], 100
-    # SMPQ first, so that random search gets the same number of validation passes
-    for method in sorted(methods, key=lambda m: m != "smpq"):
+    rows, evals = [], 100
+    # The engine (else SMPQ) first, so that random search gets as many validation passes, and
+    # with the engine the same value (-KL to the float model)
+    lead = ENGINE if ENGINE in methods else "smpq"
+    extra = {"metric": "neg_kl"} if lead == ENGINE else {}
+    for method in sorted(methods, key=lambda m: m != lead):
         with progress(method, 1) as bar:
-            res, _ = run_method(method, net, splits, mc, budget, fixed, cfg,
-                                n_evaluations=smpq_evals)
+            opts = {**extra, "n_evaluations": evals} if method == "random" else {}
+            res, _ = run_method(method, net, splits, mc, budget, fixed, cfg, **opts)
             bar(1, 1)
-        if method == "smpq":
-            smpq_evals = max(res.evaluations, 1)
+        if method == lead:
+            evals = max(res.evaluations, 1)
         rows.append(policy_row(net, splits, mc, res, finetune_epochs=finetune_epochs, seed=seed))
         res.policy.save(out / "policies" / f"{method}.json")
     atomic_write_text(out / "compare.json", json.dumps({"budget": str(budget), "rows": rows},
@@ -209,9 +242,21 @@ def run_default(net: nn.Module, splits: Splits, meta: dict, mc: ModelCost, budge
     rows = [{"method": "float32", "ptq_val_acc": fp_val, "val_acc": fp_val, "test_acc": fp_test,
              "bitops": fp_m["bitops"], "avg_bits": fp_m["avg_bits"], "size_bits": fp_m["size"]}]
     outcomes = {}
-    for method in ("smpq", "dmpq", "uniform"):
+    engine_evals = DEFAULT_EVALUATIONS
+    for method in (ENGINE, "smpq", "dmpq", "uniform", "random"):
         if method == "uniform":
             res, outcome = run_method(method, net, splits, mc, budget, fixed, cfg)
+        elif method == "random":  # the engine's evaluation budget and value
+            with progress("random search", 1) as bar:
+                res, outcome = run_method(method, net, splits, mc, budget, fixed, cfg,
+                                          n_evaluations=engine_evals, metric="neg_kl")
+                bar(1, 1)
+        elif method == ENGINE:
+            with progress(f"{method} search", engine_evals) as bar:
+                res, outcome = run_method(
+                    method, net, splits, mc, budget, fixed, cfg, out=out / method,
+                    n_evaluations=engine_evals, progress=lambda d, t, b, bar=bar: bar(d, t))
+            engine_evals, engine_res = res.evaluations, res
         else:
             with progress(f"{method} search", cfg.epochs) as bar:
                 res, outcome = run_method(method, net, splits, mc, budget, fixed, cfg,
@@ -219,6 +264,7 @@ def run_default(net: nn.Module, splits: Splits, meta: dict, mc: ModelCost, budge
         outcomes[method] = outcome
         rows.append(policy_row(net, splits, mc, res, finetune_epochs=finetune_epochs,
                                seed=seed))
+    write_engine_outputs(out / ENGINE, engine_res, rows, budget, mc, fixed)
     for method in ("smpq", "dmpq"):
         write_search_outputs(out / method, outcomes[method], rows, budget, mc, fixed)
     agree, decisions = alpha_vs_shapley(out, outcomes["dmpq"], outcomes["smpq"])

@@ -132,9 +132,11 @@ def _brute_solve(p: Problem, obj: _Linear | _Quadratic | _Pairwise, metrics: tup
         mask &= _enumerate(p.costs[m]) <= p.limits[m] + p.tols[m]
     for c in excluded:
         mask[np.ravel_multi_index(c, p.sizes)] = False
+    values = obj.all_values()
+    mask &= np.isfinite(values)  # -inf marks policies the objective rules out
     if not mask.any():
         return None, "infeasible"
-    best = int(np.argmax(np.where(mask, obj.all_values(), -np.inf)))
+    best = int(np.argmax(np.where(mask, values, -np.inf)))
     return tuple(int(i) for i in np.unravel_index(best, p.sizes)), "optimal"
 
 

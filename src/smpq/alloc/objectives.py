@@ -79,11 +79,13 @@ class PairwiseObjective:
     """score = sum_u linear[u][k_u] + sum_{(u, v)} pairs[(u, v)][k_u, k_v] over choices (u < v).
 
     The general pairwise form (any candidate grid per unit, e.g. (weight, activation) pairs);
-    the engine's surrogate compiles to it.
+    the engine's surrogate compiles to it. `near = (centre, r)` restricts the policies to
+    those that differ from `centre` in at most r units (a trust region).
     """
 
     linear: Sequence[np.ndarray]
     pairs: Mapping[tuple[int, int], np.ndarray]
+    near: tuple[Sequence[int], int] | None = None
 
     def bind(self, sizes: tuple[int, ...] | None) -> _Pairwise:
         linear = as_layers("linear scores", self.linear, sizes)
@@ -97,7 +99,15 @@ class PairwiseObjective:
             if not np.all(np.isfinite(q)):
                 raise SmpqError("a pairwise objective needs finite entries")
             pairs[(int(u), int(v))] = q
-        return _Pairwise(linear, pairs)
+        near = None
+        if self.near is not None:
+            centre, r = self.near
+            centre = tuple(int(c) for c in centre)
+            if len(centre) != n_units or not all(0 <= c < len(s) for c, s in zip(
+                    centre, linear, strict=True)) or int(r) < 0:
+                raise SmpqError("a trust region needs one valid choice per unit and r >= 0")
+            near = (centre, int(r))
+        return _Pairwise(linear, pairs, near)
 
 
 class _Linear:
@@ -255,8 +265,9 @@ class _Pairwise:
     exactly, and the LP relaxation (the local marginal polytope) is far tighter than McCormick
     bounds on single products, so HiGHS closes the gap in few nodes."""
 
-    def __init__(self, linear: Layers, pairs: dict[tuple[int, int], np.ndarray]) -> None:
-        self.linear, self.pairs = linear, pairs
+    def __init__(self, linear: Layers, pairs: dict[tuple[int, int], np.ndarray],
+                 near: tuple[tuple[int, ...], int] | None = None) -> None:
+        self.linear, self.pairs, self.near = linear, pairs, near
         spread = math.fsum(float(np.ptp(s)) for s in linear)
         spread += math.fsum(float(np.ptp(q)) for q in pairs.values())
         self.score_tol = SCORE_REL_TOL * spread
@@ -271,6 +282,11 @@ class _Pairwise:
         idx = np.unravel_index(np.arange(out.size), sizes)
         for (u, v), q in self.pairs.items():
             out = out + q[idx[u], idx[v]]
+        if self.near is not None:  # outside the trust region: never chosen
+            centre, r = self.near
+            moved = sum((np.asarray(i) != c).astype(int) for i, c in zip(idx, centre,
+                                                                          strict=True))
+            out = np.where(moved <= r, out, -np.inf)
         return out
 
     def model(self, p: Problem, metrics: Sequence[str]) -> _Model:
@@ -308,6 +324,12 @@ class _Pairwise:
         if n_rows:
             a = sparse.csr_matrix((vals, (rows, cols)), shape=(n_rows, n))
             widen.append(LinearConstraint(a, 0.0, 0.0))
+        if self.near is not None:  # sum_u x_{u, centre_u} >= U - r
+            centre, r = self.near
+            row = sparse.csr_matrix((np.ones(len(sizes)), (np.zeros(len(sizes), int),
+                                                           offsets[:-1] + np.array(centre))),
+                                    shape=(1, n))
+            widen.append(LinearConstraint(row, len(sizes) - r, np.inf))
         obj = np.concatenate([c_x, np.array(c_y)])
         obj = obj / ((np.max(np.abs(obj)) if obj.size else 0.0) or 1.0)
         ub = np.concatenate([base.ub, np.ones(n - n_x)])

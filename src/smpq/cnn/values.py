@@ -37,7 +37,15 @@ def _neg_loss(logits: Tensor, y: Tensor) -> float:
     return -float(F.cross_entropy(logits, y))
 
 
-VALUE_METRICS: dict[str, Callable[[Tensor, Tensor], float]] = {"acc": _acc, "neg_loss": _neg_loss}
+def _neg_kl(logits: Tensor, ref_logp: Tensor) -> float:
+    """-KL(float || quantized), mean over samples; takes the float model's log-probabilities
+    in place of labels. Smooth in the policy, unlike accuracy's one-image steps."""
+    logq = F.log_softmax(logits, dim=1)
+    return -float((ref_logp.exp() * (ref_logp - logq)).sum(dim=1).mean())
+
+
+VALUE_METRICS: dict[str, Callable[[Tensor, Tensor], float]] = {
+    "acc": _acc, "neg_loss": _neg_loss, "neg_kl": _neg_kl}
 
 
 class SubsetValue:

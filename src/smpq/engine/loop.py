@@ -5,10 +5,11 @@
 2. Credit. Fit the pairwise surrogate (`engine.model`) to every evaluated policy; its ladder
    Shapley values (closed form, bootstrap errors) are the credit, its deficit-pair
    coefficients the interactions, its K-fold R^2 how far to trust it.
-3. Loop. Solve the surrogate's allocation exactly under every limit, take the top-K distinct
-   feasible policies not yet evaluated (plus the best-predicted neighbour of the incumbent),
-   evaluate them, refit, and repeat until the evaluation budget is spent or the best has not
-   improved for `patience` rounds.
+3. Loop. Solve the surrogate's allocation exactly under every limit (the best policy not yet
+   evaluated), plus the K-1 best inside a trust region around the incumbent (at most r units
+   changed; r doubles after an improvement and halves after a miss, as TuRBO), evaluate
+   them, refit, and repeat until the evaluation budget is spent or the best has not improved
+   for `patience` rounds.
 4. Return the best *evaluated* feasible policy: never worse than anything it looked at.
 
 The allocator sees the model only through `evaluate(choices) -> values` (higher is better),
@@ -83,6 +84,7 @@ class EngineResult:
     shapley: list[float] = field(default_factory=list)
     shapley_se: list[float] = field(default_factory=list)
     interactions: list[dict] = field(default_factory=list)
+    interaction_matrix: dict = field(default_factory=dict)
     r2_cv: float = float("nan")
     stopped: str = "budget"
 
@@ -100,13 +102,14 @@ class _State:
         self.rounds: list[dict] = []
         self.screened = False
         self.stale = 0
+        self.radius = 1
         self.seconds = 0.0
 
     def to_dict(self) -> dict:
         return {"version": STATE_VERSION, "fingerprint": self.fingerprint,
                 "choices": [list(c) for c in self.choices], "values": self.values,
                 "rounds": self.rounds, "screened": self.screened, "stale": self.stale,
-                "seconds": self.seconds}
+                "radius": self.radius, "seconds": self.seconds}
 
     @classmethod
     def from_dict(cls, data: Mapping, fingerprint: dict) -> _State:
@@ -119,6 +122,7 @@ class _State:
         st.rounds = list(data["rounds"])
         st.screened = bool(data["screened"])
         st.stale = int(data["stale"])
+        st.radius = int(data["radius"])
         st.seconds = float(data["seconds"])
         return st
 
@@ -141,20 +145,6 @@ def _best(space: PolicySpace, st: _State) -> tuple[tuple[int, ...] | None, float
         if f and v > val:
             best, val = c, v
     return best, val
-
-
-def _best_neighbours(space: PolicySpace, model: QuadraticModel, centres: list,
-                     skip: set, n: int) -> list[tuple[int, ...]]:
-    """The n best-predicted feasible, unseen one-move neighbours of the centres."""
-    if n <= 0 or not centres:
-        return []
-    nb = np.unique(np.concatenate([space.neighbours(np.array(c)) for c in centres]), axis=0)
-    nb = nb[space.fits(nb)] if len(nb) else nb
-    nb = np.array([c for c in nb if tuple(int(x) for x in c) not in skip], dtype=np.int64)
-    if not len(nb):
-        return []
-    order = np.argsort(-model.predict(space, nb), kind="stable")[:n]
-    return [tuple(int(x) for x in nb[i]) for i in order]
 
 
 def run_engine(space: PolicySpace, evaluate: Evaluate, config: EngineConfig | None = None, *,
@@ -216,11 +206,19 @@ def run_engine(space: PolicySpace, evaluate: Evaluate, config: EngineConfig | No
         model = fit_model(space, np.array(st.choices), np.array(st.values), seed=cfg.seed)
         linear, quad = model.choice_tables(space)
         room = cfg.evaluations - len(st.choices)
+        best_before, val_before = _best(space, st)
+        want = min(cfg.top_k, room)
         picks = quadratic_topk(space, linear, quad, k=1, exclude=st.choices,
                                time_limit=cfg.time_limit)
-        best_before, val_before = _best(space, st)
-        picks += _best_neighbours(space, model, [*picks, *([best_before] if best_before else [])],
-                                  seen | set(picks), min(cfg.top_k, room) - len(picks))
+        local: list[tuple[int, ...]] = []
+        if best_before is not None and want > len(picks):
+            while not local and st.radius <= space.n_units:
+                local = quadratic_topk(space, linear, quad, k=want - len(picks),
+                                       exclude=[*st.choices, *picks], time_limit=cfg.time_limit,
+                                       near=(best_before, st.radius))
+                if not local:  # the region is used up: widen it
+                    st.radius += 1
+        picks += local
         if not picks:
             stopped = "exhausted"
             break
@@ -228,6 +226,9 @@ def run_engine(space: PolicySpace, evaluate: Evaluate, config: EngineConfig | No
         got = spend(np.array(picks))
         _, val_after = _best(space, st)
         st.stale = 0 if val_after > val_before else st.stale + 1
+        # the trust region: wider after a success, narrower after a miss (TuRBO-style)
+        st.radius = (min(2 * st.radius, space.n_units) if val_after > val_before
+                     else max(1, st.radius // 2))
         st.rounds.append({"round": len(st.rounds) + 1, "evaluations": len(st.choices),
                           "predicted": [float(p) for p in pred[:len(got)]],
                           "measured": [float(v) for v in got],
@@ -253,4 +254,5 @@ def run_engine(space: PolicySpace, evaluate: Evaluate, config: EngineConfig | No
     save()
     return EngineResult(best, val, len(st.choices), time.perf_counter() - start, st.rounds,
                         history, model.shapley(space).tolist(), se.tolist(),
-                        model.top_interactions(space), float(model.r2_cv), stopped)
+                        model.top_interactions(space), model.interaction_matrix(space),
+                        float(model.r2_cv), stopped)

@@ -4,9 +4,9 @@
 
 Main effects are one coefficient per ladder step (any shape of per-unit response); the
 interactions are products of the ladders' deficits D (share of steps missing), so a pair of
-ladders costs one coefficient whatever their lengths. Ridge regression with the penalty and
-the weight of the interaction block chosen by generalised cross-validation (an additive fit
-wins when data is scarce). The held-out R^2 comes from K-fold cross-validation.
+ladders costs one coefficient whatever their lengths. Ridge regression; the penalty and the
+weight of the interaction block (an additive fit wins when data is scarce) are chosen by
+K-fold cross-validation, whose error also gives the held-out R^2.
 
 Ladder Shapley values of the fitted model have a closed form. In the game whose players are
 steps and whose coalitions map to levels by counting, step k of ladder i gets its main effect
@@ -26,7 +26,7 @@ from smpq.errors import SmpqError
 
 __all__ = ["QuadraticModel", "fit_model", "pair_index"]
 
-LAMBDAS = tuple(10.0 ** e for e in range(-4, 3))
+LAMBDAS = tuple(10.0 ** (e / 2) for e in range(-6, 7))
 PAIR_SCALES = (0.0, 0.5, 1.0)
 MAX_PAIRS = 2048
 
@@ -71,10 +71,6 @@ class _Ridge:
         n = len(self.yc)
         gcv = float(resid @ resid) / n / max(1.0 - dof / n, 1e-3) ** 2
         return coef, float(self.ym - self.xm @ coef), gcv
-
-
-def _ridge(x: np.ndarray, y: np.ndarray, lam: float) -> tuple[np.ndarray, float, float]:
-    return _Ridge(x, y).solve(lam)
 
 
 @dataclass(frozen=True)
@@ -136,43 +132,55 @@ class QuadraticModel:
             quad[(u, v)] = quad.get((u, v), 0) + m
         return linear, quad
 
+    def dim_labels(self, space: PolicySpace) -> list[str]:
+        names = space.dim_names or ()
+        return [space.units[u] + (f".{names[d]}" if d < len(names) and names[d] else "")
+                for u, d in space.dims]
+
+    def interaction_matrix(self, space: PolicySpace) -> dict:
+        """{labels, matrix}: the symmetric ladders x ladders matrix of pair coefficients."""
+        n = len(space.dims)
+        mat = np.zeros((n, n))
+        for (i, j), b in zip(self.pairs, self.beta, strict=True):
+            mat[i, j] = mat[j, i] = b
+        return {"labels": self.dim_labels(space), "matrix": mat.tolist()}
+
     def top_interactions(self, space: PolicySpace, n: int = 10) -> list[dict]:
         """The largest |beta| pairs, named by unit and dim."""
         order = np.argsort(-np.abs(self.beta))[:n]
-        names = space.dim_names or ("",)
-        out = []
-        for k in order:
-            i, j = (space.dims[x] for x in self.pairs[k])
-            label = [f"{space.units[u]}{'.' + names[d] if d < len(names) and names[d] else ''}"
-                     for u, d in (i, j)]
-            out.append({"a": label[0], "b": label[1], "beta": float(self.beta[k])})
-        return out
+        labels = self.dim_labels(space)
+        return [{"a": labels[self.pairs[k][0]], "b": labels[self.pairs[k][1]],
+                 "beta": float(self.beta[k])} for k in order if self.beta[k] != 0]
 
 
 def _design(main: np.ndarray, pair: np.ndarray, scale: float) -> np.ndarray:
     return np.hstack([main, pair * scale]) if scale > 0 else main
 
 
-def _cv_r2(x: np.ndarray, y: np.ndarray, lam: float, folds: int, rng: np.random.Generator
-           ) -> float:
+def _cv_error(main: np.ndarray, pair: np.ndarray, y: np.ndarray, scales: tuple,
+              lambdas: tuple, folds: int, rng: np.random.Generator) -> np.ndarray:
+    """K-fold squared error of every (pair scale, lambda): (scales, lambdas)."""
     n = len(y)
-    if n < 2 * folds:
-        return float("nan")
     idx = rng.permutation(n)
-    pred = np.empty(n)
+    err = np.zeros((len(scales), len(lambdas)))
     for f in range(folds):
         test = idx[f::folds]
         train = np.setdiff1d(idx, test)
-        coef, b0, _ = _ridge(x[train], y[train], lam)
-        pred[test] = b0 + x[test] @ coef
-    ss = float(np.sum((y - y.mean()) ** 2))
-    return 1.0 - float(np.sum((y - pred) ** 2)) / ss if ss > 0 else float("nan")
+        for a, scale in enumerate(scales):
+            x = _design(main, pair, scale)
+            ridge = _Ridge(x[train], y[train])
+            for b, lm in enumerate(lambdas):
+                coef, b0, _ = ridge.solve(lm)
+                err[a, b] += float(np.sum((y[test] - b0 - x[test] @ coef) ** 2))
+    return err
 
 
 def fit_model(space: PolicySpace, choices: np.ndarray, values: np.ndarray, *,
               pairs: np.ndarray | None = None, folds: int = 5, seed: int = 0,
               lam: float | None = None, pair_scale: float | None = None) -> QuadraticModel:
-    """Fit the surrogate; `lam`/`pair_scale` fixed skip the GCV choice (bootstrap refits)."""
+    """Fit the surrogate. The penalty and the interaction block's weight are chosen by K-fold
+    cross-validation (GCV when there are too few points for folds); `lam`/`pair_scale` fixed
+    skip the choice (bootstrap refits). `r2_cv` is the chosen model's K-fold R^2."""
     choices = np.atleast_2d(np.asarray(choices, dtype=np.int64))
     y = np.asarray(values, dtype=float)
     if len(y) != len(choices) or len(y) < 2:
@@ -184,20 +192,29 @@ def fit_model(space: PolicySpace, choices: np.ndarray, values: np.ndarray, *,
         if len(pairs) > MAX_PAIRS:
             pairs = pair_index(space, window=1)
     main, pair = _features(space, choices, pairs)
-    best = None
-    for scale in (PAIR_SCALES if pair_scale is None else (pair_scale,)):
-        if scale > 0 and not len(pairs):
-            continue
-        ridge = _Ridge(_design(main, pair, scale), y)
-        for lm in (LAMBDAS if lam is None else (lam,)):
-            coef, b0, gcv = ridge.solve(lm)
-            if best is None or gcv < best[0]:
-                best = (gcv, scale, lm, coef, b0)
-    _, scale, lm, coef, b0 = best
+    scales = tuple(s for s in (PAIR_SCALES if pair_scale is None else (pair_scale,))
+                   if s == 0 or len(pairs))
+    lambdas = LAMBDAS if lam is None else (lam,)
+    rng = np.random.default_rng(seed)
+    if len(scales) * len(lambdas) > 1 and len(y) >= 2 * folds:
+        err = _cv_error(main, pair, y, scales, lambdas, folds, rng)
+        a, b = np.unravel_index(int(np.argmin(err)), err.shape)
+        scale, lm = scales[a], lambdas[b]
+        ss = float(np.sum((y - y.mean()) ** 2))
+        r2 = 1.0 - float(err[a, b]) / ss if ss > 0 else float("nan")
+    else:
+        best = None
+        for s in scales:
+            ridge = _Ridge(_design(main, pair, s), y)
+            for lm_ in lambdas:
+                gcv = ridge.solve(lm_)[2]
+                if best is None or gcv < best[0]:
+                    best = (gcv, s, lm_)
+        _, scale, lm = best
+        r2 = float("nan")
+    coef, b0, _ = _Ridge(_design(main, pair, scale), y).solve(lm)
     n_main = main.shape[1]
     beta = coef[n_main:] * scale if scale > 0 else np.zeros(len(pairs))
-    r2 = (_cv_r2(_design(main, pair, scale), y, lm, folds, np.random.default_rng(seed))
-          if lam is None else float("nan"))
     return QuadraticModel(b0, coef[:n_main], pairs, beta, lm, scale, r2, len(y))
 
 

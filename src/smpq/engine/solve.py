@@ -34,8 +34,9 @@ def quadratic_value(linear: Sequence[np.ndarray], quad: Mapping[tuple[int, int],
 def quadratic_topk(space: PolicySpace, linear: Sequence[np.ndarray],
                    quad: Mapping[tuple[int, int], np.ndarray], k: int = 1, *,
                    exclude: Sequence[Sequence[int]] = (), time_limit: float = 30.0,
-                   ) -> list[tuple[int, ...]]:
-    """The k best distinct feasible policies not in `exclude` (fewer when fewer exist)."""
+                   near: tuple[Sequence[int], int] | None = None) -> list[tuple[int, ...]]:
+    """The k best distinct feasible policies not in `exclude` (fewer when fewer exist);
+    `near = (centre, r)`: only policies that change at most r units of `centre`."""
     if k < 1:
         raise SmpqError("k must be at least 1")
     costs = {m: [np.asarray(r, float) for r in rows] for m, rows in space.costs.items()}
@@ -45,7 +46,7 @@ def quadratic_topk(space: PolicySpace, linear: Sequence[np.ndarray],
         m = next(iter(costs))
         limits = {m: sum(float(np.max(r)) for r in costs[m])}
     try:
-        found = allocate_topk(PairwiseObjective(list(linear), dict(quad)), costs, limits, k,
+        found = allocate_topk(PairwiseObjective(list(linear), dict(quad), near), costs, limits, k,
                               time_limit, scales=scales, exclude=exclude, binding=False)
     except SmpqError as e:
         if "infeasible" in str(e):  # every feasible policy is excluded

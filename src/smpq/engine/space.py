@@ -224,26 +224,6 @@ class PolicySpace:
             out.append(self.tops - lv)
         return self.from_levels(np.array(out[:n]))
 
-    def neighbours(self, choice: np.ndarray) -> np.ndarray:
-        """Policies one step up on one ladder and one step down on another (plus single steps)."""
-        lv = self.levels(choice)[0]
-        out = []
-        for i in range(len(self.dims)):
-            for delta in (1, -1):
-                if 0 <= lv[i] + delta <= self.tops[i]:
-                    a = lv.copy()
-                    a[i] += delta
-                    out.append(a)
-            if lv[i] >= self.tops[i]:
-                continue
-            for j in range(len(self.dims)):
-                if j != i and lv[j] > 0:
-                    a = lv.copy()
-                    a[i] += 1
-                    a[j] -= 1
-                    out.append(a)
-        return self.from_levels(np.array(out)) if out else np.zeros((0, self.n_units), np.int64)
-
     def with_limits(self, limits: Mapping[str, float]) -> PolicySpace:
         return PolicySpace(self.units, self.grids, self.costs, self.offsets, dict(limits),
                            self.dim_names)

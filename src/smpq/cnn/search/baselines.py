@@ -21,6 +21,7 @@ split) and adapts it to the function in the table. Options they read (all option
 |                |                      | reuse across budgets (its cost is still charged)         |
 | hutchinson     | hawq                 | HutchinsonConfig (default: its defaults, seed 0)         |
 | n_evaluations  | random               | validation passes (default 100)                          |
+| metric         | random               | value it maximises: acc (default), neg_loss, neg_kl      |
 | max_policies   | oracle               | refuse larger spaces (default MAX_ORACLE_POLICIES)       |
 | val_samples,   | oat_*, greedy,       | validation images per pass; a shared PolicyEvaluator     |
 | evaluator      | random, oracle       |                                                          |
@@ -186,7 +187,7 @@ def greedy_strategy(p: SearchProblem) -> StrategyResult:
 @register("random", kind="cnn")
 def random_strategy(p: SearchProblem) -> StrategyResult:
     return random_search(*_args(p), n_evaluations=int(p.options.get("n_evaluations", 100)),
-                         **_eval_kw(p))
+                         metric=p.options.get("metric", "acc"), **_eval_kw(p))
 
 
 def _supernet(method: str) -> Callable[[SearchProblem], StrategyResult]:

@@ -199,6 +199,8 @@ class PolicyEvaluator:
     ):
         from smpq.cnn.pipeline import calibration_batches  # downstream module: import where used
 
+        self._float = model
+        self._ref: Tensor | None = None
         work = copy.deepcopy(model).eval()
         fixed = Policy(space.fixed) if space.fixed else None
         self.net = Supernet(work, space.w_specs, space.a_specs, layers=space.names,
@@ -213,9 +215,21 @@ class PolicyEvaluator:
         key = (tuple(int(k) for k in choice), metric)
         if key not in self._memo:
             if metric not in self._scorers:
-                self._scorers[metric] = PolicyValue(self.net, self.x, self.y, metric)
+                target = self.reference_logp() if metric == "neg_kl" else self.y
+                self._scorers[metric] = PolicyValue(self.net, self.x, target, metric)
             self._memo[key] = self._scorers[metric](self.space.as_dict(key[0]))
         return self._memo[key]
+
+    @torch.no_grad()
+    def reference_logp(self) -> Tensor:
+        """The float model's log-probabilities on the validation inputs (for neg_kl)."""
+        if self._ref is None:
+            was = self._float.training
+            self._float.eval()
+            logits = torch.cat([self._float(xb) for xb in self.x.split(1024)])
+            self._float.train(was)
+            self._ref = torch.log_softmax(logits, dim=1)
+        return self._ref
 
     def values(self, choices: np.ndarray, metric: str = "acc") -> np.ndarray:
         return np.array([self.value(c, metric) for c in np.atleast_2d(choices)], dtype=float)
