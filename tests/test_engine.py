@@ -254,3 +254,19 @@ def test_engine_rejects_bad_settings(kwargs, match):
     sp = cnn_like(2, 2)
     with pytest.raises(SmpqError, match=match):
         run_engine(sp, planted(sp), EngineConfig(**kwargs))
+
+
+def test_engine_evaluates_initial_policies_first_and_skips_infeasible_ones():
+    sp = cnn_like(3, 3, seed=4)
+    value = planted(sp)
+    seen = []
+
+    def record(choices):
+        seen.extend(tuple(int(x) for x in c) for c in np.atleast_2d(choices))
+        return value(choices)
+
+    good = tuple(int(x) for x in sp.random_maximal(np.random.default_rng(0), 1)[0])
+    bad = tuple(int(x) for x in sp.richest())
+    assert not sp.fits(np.array(bad))[0]
+    run_engine(sp, record, EngineConfig(evaluations=20, seed=0), initial=np.array([bad, good]))
+    assert seen[0] == good and bad not in seen

@@ -149,8 +149,12 @@ def _best(space: PolicySpace, st: _State) -> tuple[tuple[int, ...] | None, float
 
 def run_engine(space: PolicySpace, evaluate: Evaluate, config: EngineConfig | None = None, *,
                checkpoint: str | Path | None = None, resume: bool = False,
-               progress: Callable[[int, int, float], None] | None = None) -> EngineResult:
-    """Search `space` with at most `config.evaluations` calls' worth of policies."""
+               progress: Callable[[int, int, float], None] | None = None,
+               initial: np.ndarray | None = None) -> EngineResult:
+    """Search `space` with at most `config.evaluations` calls' worth of policies.
+
+    `initial`: policies to evaluate first (e.g. what cheap scores allocate, the best uniform
+    policy); they count against the budget, and infeasible ones are skipped."""
     cfg = config or EngineConfig()
     space.check_feasible()
     need = min_evaluations(space, cfg)
@@ -196,6 +200,9 @@ def run_engine(space: PolicySpace, evaluate: Evaluate, config: EngineConfig | No
         n_screen = max(need - cfg.top_k, int(cfg.screen_fraction * cfg.evaluations))
         n_front = int(round(cfg.frontier_share * n_screen))
         batch = [space.random_maximal(rng, n_front), space.random_ladder(rng, n_screen - n_front)]
+        if initial is not None and len(initial):
+            first = np.atleast_2d(np.asarray(initial, dtype=np.int64))
+            batch.insert(0, first[space.fits(first)])
         spend(np.concatenate(batch))
         st.screened = True
         save()
