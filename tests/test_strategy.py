@@ -19,7 +19,8 @@ from smpq.policy import Policy
 from smpq.spec import act_spec, weight_spec
 from smpq.strategy import SearchProblem, StrategyResult
 
-CNN = ("uniform", "hawq", "oat_high", "oat_low", "greedy", "random", "smpq", "dmpq", "oracle")
+CNN = ("shapley-loop", "uniform", "hawq", "oat_high", "oat_low", "greedy", "random", "smpq",
+       "dmpq", "oracle")
 TRANSFORMER = ("shapley", "shapley_pairwise", "shapley_literal", "uniform", "hessian", "fisher",
                "gradxdw", "relerr")
 
@@ -48,7 +49,8 @@ def test_every_strategy_is_registered_in_order():
 
 
 def test_unknown_names_and_kinds_list_the_known_ones():
-    with pytest.raises(SmpqError, match="unknown method 'bogus'; known: uniform, hawq, "):
+    with pytest.raises(SmpqError,
+                       match="unknown method 'bogus'; known: shapley-loop, uniform, hawq, "):
         strategy.get("bogus", "cnn")
     with pytest.raises(SmpqError, match="known: shapley, shapley_pairwise, shapley_literal"):
         strategy.get("smpq", "transformer")
@@ -207,7 +209,7 @@ def _option(command: str, name: str):
 
 def test_cli_method_lists_come_from_the_registry(monkeypatch, capsys, registered, tmp_path):
     assert _option("compare", "methods").default == \
-        "uniform,hawq,oat_high,oat_low,greedy,random,smpq,dmpq"
+        "shapley-loop,uniform,hawq,oat_high,oat_low,greedy,random,smpq,dmpq"
     assert _option("ptq", "method").help == ("shapley, shapley_pairwise, shapley_literal, "
                                              "uniform, hessian, fisher, gradxdw or relerr.")
     assert _option("compare", "methods").default == ",".join(
@@ -222,5 +224,5 @@ def test_cli_method_lists_come_from_the_registry(monkeypatch, capsys, registered
         main()
     err = capsys.readouterr().err
     assert exc.value.code == 2
-    assert "unknown method(s) ['bogus']; known: uniform, hawq, oat_high, oat_low, greedy, " \
-           "random, smpq, dmpq, test_listed" in err.replace("\n", "")
+    assert "unknown method(s) ['bogus']; known: shapley-loop, uniform, hawq, oat_high, oat_low, " \
+           "greedy, random, smpq, dmpq, test_listed" in err.replace("\n", "")

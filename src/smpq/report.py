@@ -37,7 +37,7 @@ Z95 = 1.959963984540054
 KINDS = {"w": "weights", "a": "activations"}
 # File name of each figure inside the output folder (the HTML links them relatively).
 FIGURES = {k: f"{k}.png" for k in ("bits", "tradeoff", "contributions", "alpha_vs_shapley",
-                                    "history", "value_curve", "interactions")}
+                                    "history")}
 _METRIC_LABELS = {"bitops": "BitOPs", "size_bits": "model size (bits)", "avg_bits": "average bits"}
 _PHASE_COLOURS = {"warmup": "#fdd9b5", "search": "#cfe3f5"}
 PathLike = str | os.PathLike
@@ -452,12 +452,12 @@ def write_report(
         ("Search history", plot_history(contributions, out / FIGURES["history"])),
     ]
     if contributions.get("value_curve"):
-        from smpq.report_engine import plot_interactions, plot_value_curve
+        from smpq.report_engine import ENGINE_FIGURES, plot_interactions, plot_value_curve
 
         figures += [("Best value vs evaluations", plot_value_curve(
-                        contributions, out / FIGURES["value_curve"])),
+                        contributions, out / ENGINE_FIGURES["value_curve"])),
                     ("Pairwise interactions", plot_interactions(
-                        contributions, out / FIGURES["interactions"]))]
+                        contributions, out / ENGINE_FIGURES["interactions"]))]
     imgs = "".join(
         f'<figure><img src="{html.escape(p.name)}" alt="{html.escape(cap)}">'
         f"<figcaption>{html.escape(cap)}</figcaption></figure>"

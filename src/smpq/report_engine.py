@@ -18,7 +18,9 @@ import numpy as np
 
 from smpq.report import PathLike, _figure, _num, _save, _txt
 
-__all__ = ["plot_interactions", "plot_value_curve"]
+__all__ = ["ENGINE_FIGURES", "plot_interactions", "plot_value_curve"]
+
+ENGINE_FIGURES = {k: f"{k}.png" for k in ("value_curve", "interactions")}
 
 
 def plot_value_curve(contributions: Mapping, path: PathLike) -> Path | None:

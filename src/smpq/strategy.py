@@ -142,9 +142,19 @@ def register(name: str, *, kind: str, listed: bool = True) -> Callable[[Strategy
         if name in table:
             raise SmpqError(f"a {kind} strategy named {name!r} is already registered")
         table[name] = _Entry(fn, listed)
+        _order(table, kind)
         return fn
 
     return deco
+
+
+def _order(table: dict[str, _Entry], kind: str) -> None:
+    """Keep the providers' order (their listed order, then registration order inside each),
+    whatever order Python happens to import them in; others (plugins, tests) come last."""
+    rank = {m: i for i, m in enumerate(_PROVIDERS[kind])}
+    items = sorted(table.items(), key=lambda kv: rank.get(kv[1].fn.__module__, len(rank)))
+    table.clear()
+    table.update(items)
 
 
 def unregister(name: str, kind: str) -> None:
