@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from smpq.cnn.search.derive import derive_budgeted
+from smpq.cnn.search.harness import SearchSpace, cost_tables
 from smpq.cost import Budget, Constraint, LayerCost, ModelCost, Scope
 from smpq.errors import SmpqError
 from smpq.policy import Policy
@@ -105,6 +106,19 @@ def test_derivation_under_a_scoped_budget_is_the_brute_force_optimum():
             best, best_score = (PAIRS[i], PAIRS[j]), score
     assert (d.policy.layers["l1"], d.policy.layers["l2"]) == best
     assert d.policy.layers["l0"] is None and d.policy.layers["l3"] == PINNED["l3"]
+
+
+def test_the_oracle_tables_agree_with_the_hand_sums_on_every_policy():
+    cost = tiny_cost()
+    bud = Budget.parse("bitops@searched=uniform:3/3,avg_bits@searched=3.5")
+    space = SearchSpace.build(cost, W, A, PINNED)
+    tables = cost_tables(space, cost, bud)
+    every = np.array(list(itertools.product(range(9), repeat=2)))
+    for choice, ok in zip(every, tables.feasible(every), strict=True):
+        (w1, a1), (w2, a2) = divmod(int(choice[0]), 3), divmod(int(choice[1]), 3)
+        bits = 320 * W[w1].bits * A[a1].bits + 480 * W[w2].bits * A[a2].bits
+        avg = (32 * W[w1].bits + 48 * W[w2].bits) / 80
+        assert bool(ok) == (bits <= 7200 and avg <= 3.5), choice
 
 
 def test_an_unreachable_scoped_limit_is_named_in_its_scope():
