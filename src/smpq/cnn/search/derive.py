@@ -176,7 +176,10 @@ class SavedSearch:
 
 
 def rederive(run_dir: str | os.PathLike, budget: Budget | str) -> Policy:
-    """The policy a finished search (`smpq search --out run_dir`) derives at `budget`."""
+    """The policy a finished search (`smpq search --out run_dir`) derives at `budget`.
+
+    Always the exact budgeted derivation (as `--derive milp`), so a run searched with
+    `--derive argmax` re-derived at its own budget may differ from its policy.json."""
     return load_search(run_dir).derive(budget).policy
 
 
