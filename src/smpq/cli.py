@@ -302,6 +302,26 @@ def search(
 
 
 @app.command()
+def derive(
+    run_dir: Path = typer.Option(..., "--from", help="Output folder of a finished `smpq search`."),
+    budget: str = typer.Option(..., help="Budget, e.g. bitops@searched=uniform:4/4."),
+    out: Path = typer.Option(None, help="Folder for policy.json (default: "
+                             "RUN_DIR/derived/<budget>)."),
+) -> None:
+    """Re-derive a finished search at another budget (exact, no search): policy.json + check."""
+    import re
+
+    from smpq.cost import Budget
+    from smpq.workflows import derive_from_run
+
+    bud = Budget.parse(budget)
+    out = out or run_dir / "derived" / re.sub(r"[^A-Za-z0-9._@=-]+", "_", str(bud))
+    _, rows = derive_from_run(run_dir, bud, out)
+    console.print(_table(f"budget {bud}", rows, ["constraint", "limit", "value", "slack", "ok"]))
+    console.print(f"wrote {out}/policy.json")
+
+
+@app.command()
 def compare(
     budget: str = typer.Option("bitops=uniform:3/3", help="Budget, e.g. bitops=uniform:3/3."),
     methods: str = typer.Option(",".join(strategy.names("cnn", listed_only=True)),

@@ -20,6 +20,22 @@ Budget strings (comma-separated, each `metric=value`):
     avg_bits=3.5              average weight bits
     eff_bits=4.25             average weight bits including scale/zero-point overhead
     bitops=1.2e6              absolute BitOps
+
+Scope: `metric@searched=...` states a constraint over the searched layers only; `metric=...`
+(the same as `metric@all=...`) is over the whole model. Which layers are not searched is what
+the caller passes as `pinned` (and, in `Budget.resolve`, `fixed`): the pinned first/last layers
+and layers kept in float (a `None` choice). In each scope:
+
+| scope    | size                        | bitops              | avg_bits / eff_bits             |
+|----------|-----------------------------|---------------------|---------------------------------|
+| all      | every layer (float ones at  | every layer (float  | mean over every quantizable     |
+|          | 32 bits) + other parameters | ones at 32x32 bits) | layer, weighted by parameters   |
+| searched | searched layers' weights,   | searched layers     | mean over the searched layers,  |
+|          | scales and biases only      | only                | weighted by their parameters    |
+
+so `bitops@searched=uniform:3/3` is "the searched layers cost at most what they cost at W3/A3",
+whatever the pinned and float layers cost. With nothing pinned the two scopes differ only in
+size, where `searched` leaves out the parameters outside the quantizable layers.
 """
 
 from __future__ import annotations
@@ -27,7 +43,8 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import Enum
 
 import numpy as np
 import torch
@@ -46,6 +63,7 @@ __all__ = [
     "LayerCost",
     "ModelCost",
     "ResolvedBudget",
+    "Scope",
     "format_metric",
     "n_scales",
     "trace_costs",
@@ -187,6 +205,46 @@ class ModelCost:
         tot["size"] += self.constant_size
         return tot
 
+    def scoped_metrics(self, policy: Policy, excluded: Iterable[str]) -> dict[str, float]:
+        """Metrics over the layers not in `excluded` only (scope `searched`, see module doc)."""
+        excluded = set(excluded)
+        kept = [n for n in self.layers if n not in excluded]
+        missing = [n for n in kept if n not in policy.layers]
+        if missing:
+            raise SmpqError(f"policy is missing layer(s): {', '.join(missing)}")
+        tot = dict.fromkeys(METRICS, 0.0)
+        for name in kept:
+            for m, v in self.choice_cost(name, policy.layers[name]).items():
+                tot[m] += v
+        factor = self._mean_factor(excluded)
+        return {m: v * factor if m in _MEANS else v for m, v in tot.items()}
+
+    def _mean_factor(self, excluded: set[str]) -> float:
+        """total / searched parameters: rescales a per-layer mean term to the searched mean."""
+        kept = sum(lc.params for n, lc in self.layers.items() if n not in excluded)
+        if kept == 0:
+            raise SmpqError("a budget over the searched layers needs at least one searched "
+                            "layer, but every layer is pinned")
+        return self.total_params / kept
+
+    def to_dict(self) -> dict:
+        """JSON form (what a search run saves as cost.json, so it can be re-derived)."""
+        return {"version": 1, "other_params": self.other_params,
+                "layers": [{"name": lc.name, "kind": lc.kind,
+                            "weight_shape": list(lc.weight_shape), "params": lc.params,
+                            "bias": lc.bias, "macs": lc.macs} for lc in self.layers.values()]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ModelCost:
+        try:
+            layers = {str(r["name"]): LayerCost(str(r["name"]), str(r["kind"]),
+                                                tuple(int(x) for x in r["weight_shape"]),
+                                                int(r["params"]), int(r["bias"]), int(r["macs"]))
+                      for r in d["layers"]}
+            return cls(layers, other_params=int(d["other_params"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SmpqError(f"malformed cost table: {exc!r}") from None
+
     def table(self, policy: Policy) -> list[dict]:
         """Per-layer rows for display: name, kind, params, MACs, bits, size, BitOps."""
         rows = []
@@ -212,21 +270,35 @@ def format_metric(metric: str, value: float) -> str:
 
 # -- budgets --------------------------------------------------------------------------------
 
+_MEANS = ("avg_bits", "eff_bits")  # metrics that are per-parameter means, not sums
 _SIZE_UNITS = {"": 8, "b": 8, "kb": 8e3, "mb": 8e6, "kib": 8 * 1024, "mib": 8 * 1024**2}
 _REF = re.compile(r"^(?:(?P<ratio>[0-9.eE+-]+)\s*\*\s*)?uniform:(?P<pair>\S+)$")
 _NUM = re.compile(r"^(?P<num>[0-9.eE+-]+)\s*(?P<unit>[a-zA-Z]*)$")
 
 
+class Scope(str, Enum):
+    """Which layers a constraint sums over (module doc): the whole model, or the searched."""
+
+    ALL = "all"
+    SEARCHED = "searched"
+
+
 @dataclass(frozen=True)
 class Constraint:
-    """metric <= value, or metric <= ratio x metric(uniform reference W/A)."""
+    """metric <= value, or metric <= ratio x metric(uniform reference W/A), in a scope."""
 
     metric: str
     value: float | None = None
     ratio: float = 1.0
     reference: tuple[int, int] | None = None
+    scope: Scope = Scope.ALL
 
     def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "scope", Scope(self.scope))
+        except ValueError:
+            raise SmpqError(f"unknown budget scope {self.scope!r}; known: "
+                            f"{', '.join(s.value for s in Scope)}") from None
         if self.metric not in METRICS:
             raise SmpqError(f"unknown budget metric {self.metric!r}; known: {', '.join(METRICS)}")
         if (self.value is None) == (self.reference is None):
@@ -242,12 +314,18 @@ class Constraint:
         metric, rhs = metric.strip(), rhs.strip()
         if not sep or not rhs:
             raise SmpqError(f"budget must look like 'bitops=uniform:3/3', got {text!r}")
+        metric, at, scope = metric.partition("@")
+        metric, scope = metric.strip(), scope.strip()
+        if at and scope not in {s.value for s in Scope}:
+            raise SmpqError(f"unknown budget scope {scope!r} in {text!r}; use "
+                            f"{metric}@searched=... or {metric}=... (all layers)")
+        scope = Scope(scope) if at else Scope.ALL
         if metric not in METRICS:
             raise SmpqError(f"unknown budget metric {metric!r}; known: {', '.join(METRICS)}")
         ref = _REF.match(rhs)
         if ref:
             ratio = _float(ref["ratio"], text) if ref["ratio"] else 1.0
-            return cls(metric, ratio=ratio, reference=parse_bits_pair(ref["pair"]))
+            return cls(metric, ratio=ratio, reference=parse_bits_pair(ref["pair"]), scope=scope)
         num = _NUM.match(rhs)
         if not num:
             raise SmpqError(f"cannot read budget value {rhs!r} in {text!r}")
@@ -258,19 +336,39 @@ class Constraint:
             value *= _SIZE_UNITS[unit]
         elif unit:
             raise SmpqError(f"{metric} takes no unit, got {num['unit']!r}")
-        return cls(metric, value=value)
+        return cls(metric, value=value, scope=scope)
+
+    @property
+    def searched(self) -> bool:
+        return self.scope is Scope.SEARCHED
 
     def limit(self, cost: ModelCost, pinned: Mapping[str, LayerChoice | None] | None) -> float:
+        """The limit in the constraint's own scope (searched = layers not in `pinned`)."""
         if self.value is not None:
             return self.value
         ref = Policy.uniform(cost.names, *self.reference, pinned=pinned)
-        return self.ratio * cost.metrics(ref)[self.metric]
+        return self.ratio * self.measure(cost, ref, pinned or {})
+
+    def measure(self, cost: ModelCost, policy: Policy, excluded: Iterable[str]) -> float:
+        """The policy's metric in this constraint's scope (`excluded`: the unsearched)."""
+        if self.searched:
+            return cost.scoped_metrics(policy, excluded)[self.metric]
+        return cost.metrics(policy)[self.metric]
 
     def __str__(self) -> str:
+        head = f"{self.metric}@{self.scope.value}" if self.searched else self.metric
         if self.reference is not None:
-            pre = "" if self.ratio == 1.0 else f"{self.ratio:g}*"
-            return f"{self.metric}={pre}uniform:{self.reference[0]}/{self.reference[1]}"
-        return f"{self.metric}={self.value:g}"
+            pre = "" if self.ratio == 1.0 else f"{_num(self.ratio)}*"
+            return f"{head}={pre}uniform:{self.reference[0]}/{self.reference[1]}"
+        if self.metric == "size":  # stored in bits, written in bytes so that it parses back
+            return f"{head}={_num(self.value / 8)}B"
+        return f"{head}={_num(self.value)}"
+
+
+def _num(v: float) -> str:
+    """Short form (%g) when it reads back exactly, else the full repr."""
+    short = f"{v:g}"
+    return short if float(short) == v else repr(v)
 
 
 def _float(s: str, text: str) -> float:
@@ -282,6 +380,14 @@ def _float(s: str, text: str) -> float:
 
 @dataclass(frozen=True)
 class Budget:
+    """Constraints that must all hold (the module doc gives the grammar and the scopes).
+
+    Every method takes `pinned`: the layers outside the search, with the choice they keep
+    (`None` = float). `uniform:W/A` references keep those choices, and `metric@searched`
+    constraints leave those layers out (module doc); `metric=...` counts them, float ones at
+    32 bits (32x32 for BitOps).
+    """
+
     constraints: tuple[Constraint, ...]
 
     @classmethod
@@ -300,13 +406,31 @@ class Budget:
     def limits(
         self, cost: ModelCost, pinned: Mapping[str, LayerChoice | None] | None = None
     ) -> dict[str, float]:
+        """Each constraint's limit in its own scope (what `check` compares values against)."""
         return {c.metric: c.limit(cost, pinned) for c in self.constraints}
+
+    def full_limits(
+        self, cost: ModelCost, pinned: Mapping[str, LayerChoice | None] | None = None
+    ) -> dict[str, float]:
+        """Limits on the whole-model metrics. A searched-scope limit becomes one by adding
+        what the pinned layers (at their pinned choice) and, for size, the constant part
+        add; while the pinned layers keep their choice, the two limits hold together."""
+        pinned = dict(pinned or {})
+        out = {}
+        for c in self.constraints:
+            v = c.limit(cost, pinned)
+            if c.searched:
+                if c.metric in _MEANS:
+                    v /= cost._mean_factor(set(pinned))
+                v += _offset(cost, c.metric, pinned)
+            out[c.metric] = v
+        return out
 
     def layer_limits(
         self, cost: ModelCost, pinned: Mapping[str, LayerChoice | None] | None = None
     ) -> dict[str, float]:
         """Limits on the sum of per-layer costs (the constant part of size removed)."""
-        lim = self.limits(cost, pinned)
+        lim = self.full_limits(cost, pinned)
         if "size" in lim:
             lim["size"] -= cost.constant_size
         return lim
@@ -314,8 +438,10 @@ class Budget:
     def check(
         self, cost: ModelCost, policy: Policy, pinned: Mapping | None = None
     ) -> list[dict]:
-        """Per constraint: limit, value reached, slack (limit - value) and whether it holds."""
-        return _check_rows(self.constraints, self.limits(cost, pinned), cost.metrics(policy))
+        """Per constraint, in its scope: limit, value reached, slack (limit - value), ok."""
+        pinned = pinned or {}
+        got = {c.metric: c.measure(cost, policy, pinned) for c in self.constraints}
+        return _check_rows(self.constraints, self.limits(cost, pinned), got)
 
     def resolve(
         self,
@@ -328,22 +454,41 @@ class Budget:
 
         `candidates` gives each searched layer's allowed choices; `fixed` layers keep their
         choice and move their cost (with the constant part of size) to the right-hand side;
-        `pinned` is what `uniform:W/A` references keep. The error names the cheapest reachable
-        value of every unreachable limit.
+        `pinned` is what `uniform:W/A` references keep. Searched-scope constraints leave out
+        the pinned and the fixed layers. The error names the cheapest reachable value of
+        every unreachable limit, in the constraint's scope.
         """
         fixed = dict(fixed or {})
-        lim = self.limits(cost, pinned)
+        outside = {**(pinned or {}), **fixed}  # not searched, at the choice they keep
+        scoped, lim, scale = {}, {}, {}
+        for c in self.constraints:
+            m = c.metric
+            if c.searched:
+                factor = cost._mean_factor(set(outside)) if m in _MEANS else 1.0
+                scoped[m] = c.limit(cost, outside)
+                lim[m] = scoped[m] / factor + _offset(cost, m, outside)
+                scale[m] = abs(scoped[m]) / factor
+            else:
+                lim[m] = c.limit(cost, pinned)
+                scale[m] = abs(lim[m])
         parts = []
-        for metric, limit in lim.items():
-            low = cost.constant_size if metric == "size" else 0.0
+        for c in self.constraints:
+            m = c.metric
+            low = cost.constant_size if m == "size" else 0.0
             for name, choices in candidates.items():
-                low += min(cost.choice_cost(name, c)[metric] for c in choices)
+                low += min(cost.choice_cost(name, ch)[m] for ch in choices)
             for name, choice in fixed.items():
-                low += cost.choice_cost(name, choice)[metric]
-            if not fits(low, limit):
-                parts.append((metric, limit, low))
+                low += cost.choice_cost(name, choice)[m]
+            if not fits(low, lim[m]):
+                if c.searched:
+                    factor = cost._mean_factor(set(outside)) if m in _MEANS else 1.0
+                    low = (low - _offset(cost, m, outside)) * factor
+                    parts.append((f"{m}@searched", scoped[m], low))
+                else:
+                    parts.append((m, lim[m], low))
         if parts:
-            raise SmpqError(infeasible_message(parts, format_metric))
+            raise SmpqError(infeasible_message(
+                parts, lambda m, v: format_metric(m.partition("@")[0], v)))
         units = dict(lim)
         if "size" in units:
             units["size"] -= cost.constant_size
@@ -351,7 +496,7 @@ class Budget:
             for m, v in cost.choice_cost(name, choice).items():
                 if m in units:
                     units[m] -= v
-        return ResolvedBudget(self, lim, units)
+        return ResolvedBudget(self, lim, units, frozenset(outside), scoped, scale)
 
     def ensure_feasible(
         self,
@@ -369,27 +514,40 @@ class Budget:
         return ",".join(str(c) for c in self.constraints)
 
 
+def _offset(cost: ModelCost, metric: str, outside: Mapping[str, LayerChoice | None]) -> float:
+    """What the layers outside the search (and, for size, the constant part) add to a metric."""
+    base = cost.constant_size if metric == "size" else 0.0
+    return base + sum(cost.choice_cost(n, ch)[metric] for n, ch in outside.items())
+
+
 @dataclass(frozen=True)
 class ResolvedBudget:
     """A budget resolved once per run (`Budget.resolve`): what every allocator is handed.
 
-    `limits` bound the full metrics (what `check` compares); `unit_limits` bound the sum of
-    the searched layers' costs (fixed layers and constant size moved to the right-hand side).
-    `scales` are the tolerance scales to pass with `unit_limits` to the allocator, so that a
-    policy fits there exactly when it fits here (`smpq.alloc.problem.fits`).
+    `limits` bound the whole-model metrics (a searched-scope limit plus what the layers
+    outside the search add); `unit_limits` bound the sum of the searched layers' costs (fixed
+    layers and constant size moved to the right-hand side). `scales` are the tolerance scales
+    to pass with `unit_limits` to the allocator, so that a policy fits there exactly when it
+    fits here (`smpq.alloc.problem.fits`). `outside` names the layers a searched-scope
+    constraint leaves out, `scoped_limits` are those constraints' own limits.
     """
 
     budget: Budget
     limits: dict[str, float]
     unit_limits: dict[str, float]
+    outside: frozenset[str] = frozenset()
+    scoped_limits: dict[str, float] = field(default_factory=dict)
+    scale: dict[str, float] = field(default_factory=dict)
 
     @property
     def scales(self) -> dict[str, float]:
-        return {m: abs(v) for m, v in self.limits.items()}
+        return {m: self.scale.get(m, abs(v)) for m, v in self.limits.items()}
 
     def check(self, cost: ModelCost, policy: Policy) -> list[dict]:
-        """`Budget.check` against the resolved limits."""
-        return _check_rows(self.budget.constraints, self.limits, cost.metrics(policy))
+        """`Budget.check` against the resolved limits, each constraint in its scope."""
+        lim = {**self.limits, **self.scoped_limits}
+        got = {c.metric: c.measure(cost, policy, self.outside) for c in self.budget.constraints}
+        return _check_rows(self.budget.constraints, lim, got)
 
     def fits(self, cost: ModelCost, policy: Policy) -> bool:
         return all(r["ok"] for r in self.check(cost, policy))

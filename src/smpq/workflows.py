@@ -4,8 +4,9 @@ parses arguments, calls them and prints what they return.
 | function          | command        | writes in `out`                                          |
 |-------------------|----------------|----------------------------------------------------------|
 | evaluate_policy   | quantize       | (the caller saves policy, metrics, weights)              |
-| run_search        | search         | policy.json, contributions.json, search_log.jsonl,       |
-|                   |                | summary.json, report.html + PNGs (`write_search_outputs`)|
+| run_search        | search         | policy.json, contributions.json, cost.json, summary.json,|
+|                   |                | search_log.jsonl, report.html + PNGs                     |
+| derive_from_run   | derive         | policy.json (a finished search at another budget)        |
 | run_compare       | compare        | policies/*.json, compare.json, compare.md, compare.png   |
 | run_default       | run            | shapley-loop/, smpq/ and dmpq/ as search,                |
 |                   |                | dmpq_alpha_vs_smpq_shapley.*, results.json, results.md   |
@@ -33,6 +34,7 @@ from smpq.cnn.search.supernet_search import METHODS as SUPERNET_METHODS
 from smpq.cnn.search.supernet_search import SearchConfig, SearchOutcome
 from smpq.compare import best_uniform, policy_row, policy_row_and_model, run_method
 from smpq.cost import Budget, ModelCost
+from smpq.errors import SmpqError
 from smpq.fileio import atomic_write_text
 from smpq.policy import Policy
 from smpq.spec import LayerChoice
@@ -43,6 +45,7 @@ __all__ = [
     "DefaultRun",
     "ProgressFactory",
     "alpha_vs_shapley",
+    "derive_from_run",
     "evaluate_policy",
     "fmt_cell",
     "markdown",
@@ -111,11 +114,14 @@ def evaluate_policy(net: nn.Module, splits: Splits, mc: ModelCost, pol: Policy, 
 def _write_outputs(out: Path, policy: Policy, contributions: dict, log: Sequence[dict],
                    binding: set[str], rows: list[dict], budget: Budget, mc: ModelCost,
                    fixed: Fixed) -> None:
-    """policy.json, contributions.json, search_log.jsonl, summary.json, report.html + PNGs."""
+    """policy.json, contributions.json, cost.json (what `derive_from_run` reads),
+    search_log.jsonl, summary.json, report.html + PNGs."""
+    from smpq.cnn.search.derive import COST_FILE
     from smpq.report import write_report
 
     policy.save(out / "policy.json")
     atomic_write_text(out / "contributions.json", json.dumps(contributions, indent=1))
+    atomic_write_text(out / COST_FILE, json.dumps(mc.to_dict(), indent=1))
     atomic_write_text(out / "search_log.jsonl", "".join(json.dumps(h) + "\n" for h in log))
     brows = [{**r, "binding": r["metric"] in binding} for r in budget.check(mc, policy, fixed)]
     atomic_write_text(out / "summary.json", json.dumps(
@@ -171,6 +177,22 @@ def run_search(net: nn.Module, splits: Splits, mc: ModelCost, budget: Budget,
     else:
         found.policy.save(out / "policy.json")
     return rows
+
+
+def derive_from_run(run_dir: Path, budget: Budget, out: Path) -> tuple[Policy, list[dict]]:
+    """A finished search's policy at another budget (no search); writes out/policy.json.
+
+    Returns the policy and its per-constraint budget check."""
+    from smpq.cnn.search.derive import load_search
+
+    if out.resolve() == Path(run_dir).resolve():
+        raise SmpqError("--out must not be the run folder: it would replace the search's own "
+                        "policy.json")
+    run = load_search(run_dir)
+    policy = run.derive(budget).policy
+    rows = run.check(budget, policy)
+    policy.save(out / "policy.json")
+    return policy, rows
 
 
 # -- compare --------------------------------------------------------------------------------

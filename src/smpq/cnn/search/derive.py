@@ -4,22 +4,33 @@ A layer's choice is a (weight candidate, activation candidate) pair; its score i
 the two candidates' scores (contributions are additive over players), and its costs are the
 cost model's per-layer terms. The budgeted derivation is the multiple-choice knapsack solved
 exactly by `smpq.alloc.allocate_milp`, on the budget resolved once (`resolve_budget`).
+
+A finished search serves other budgets: `rederive(run_dir, budget)` reads what `smpq search`
+saved (policy.json with the search config, contributions.json, cost.json) and solves the same
+exact derivation at the new budget, without searching again.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from smpq.alloc import Allocation, allocate_milp
 from smpq.cost import Budget, ModelCost, ResolvedBudget
+from smpq.errors import SmpqError
 from smpq.policy import Policy
-from smpq.spec import LayerChoice, QuantSpec
+from smpq.spec import LayerChoice, QuantSpec, act_spec, weight_spec
 
-__all__ = ["Derivation", "argmax_within_budget", "derive_argmax", "derive_budgeted", "pair_scores",
-           "resolve_budget"]
+__all__ = ["COST_FILE", "Derivation", "SavedSearch", "argmax_within_budget", "derive_argmax",
+           "derive_budgeted", "load_search", "pair_scores", "rederive", "resolve_budget"]
+
+COST_FILE = "cost.json"  # the run's ModelCost, written by `smpq search` beside policy.json
 
 
 @dataclass(frozen=True)
@@ -128,3 +139,127 @@ def argmax_within_budget(
     d = derive_budgeted(cost, scores, w_specs, a_specs, budget, fixed, pinned_reference,
                         resolved=resolved)
     return Derivation(d.policy, d.allocation, repaired=True)
+
+
+# -- re-deriving a finished search ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SavedSearch:
+    """What a finished search saved that a derivation at another budget needs.
+
+    `scores` are the ones the run's exact derivation used: SMPQ's averaged Shapley estimates
+    (the players' `ema`), or log softmax(alpha) for DMPQ and for SMPQ without search epochs.
+    `fixed` are the layers that were not searched (pinned or float), at the run's choice.
+    """
+
+    cost: ModelCost
+    scores: dict[str, tuple[np.ndarray, np.ndarray]]
+    w_specs: list[QuantSpec]
+    a_specs: list[QuantSpec]
+    fixed: dict[str, LayerChoice | None]
+    meta: dict = field(default_factory=dict)  # the run's policy meta: method, budget, search
+
+    def derive(self, budget: Budget | str) -> Derivation:
+        """The exact budgeted derivation at `budget`; SmpqError if it is infeasible."""
+        budget = Budget.parse(budget) if isinstance(budget, str) else budget
+        d = derive_budgeted(self.cost, self.scores, self.w_specs, self.a_specs, budget,
+                            self.fixed, self.fixed)
+        meta = {k: self.meta[k] for k in ("method", "search") if k in self.meta}
+        policy = Policy(d.policy.layers, meta={**meta, "budget": str(budget),
+                                               "searched_at": self.meta.get("budget"),
+                                               **d.summary()})
+        return Derivation(policy, d.allocation)
+
+    def check(self, budget: Budget, policy: Policy) -> list[dict]:
+        """`Budget.check` with the run's unsearched layers as the pinned ones."""
+        return budget.check(self.cost, policy, self.fixed)
+
+
+def rederive(run_dir: str | os.PathLike, budget: Budget | str) -> Policy:
+    """The policy a finished search (`smpq search --out run_dir`) derives at `budget`.
+
+    Always the exact budgeted derivation (as `--derive milp`), so a run searched with
+    `--derive argmax` re-derived at its own budget may differ from its policy.json."""
+    return load_search(run_dir).derive(budget).policy
+
+
+def load_search(run_dir: str | os.PathLike) -> SavedSearch:
+    """Read a search output folder; SmpqError (one line) when it is not one or is malformed."""
+    from smpq.cnn.search.supernet_search import SearchConfig  # it imports this module
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise SmpqError(f"no search output at {run}: not a folder")
+    for name in ("policy.json", "contributions.json", COST_FILE):
+        if not (run / name).is_file():
+            raise SmpqError(f"{run} is not a search output (from `smpq search`): no {name}")
+    policy = Policy.load(run / "policy.json")
+    if not isinstance(policy.meta.get("search"), dict):
+        raise SmpqError(f"{run}/policy.json has no search configuration: not a search output")
+    cfg = SearchConfig.from_dict(policy.meta["search"])
+    cost = ModelCost.from_dict(_read(run / COST_FILE))
+    policy.validate(cost.names)
+    contrib = _read(run / "contributions.json")
+    layers = contrib.get("layers")
+    if not isinstance(layers, dict) or not layers or not set(layers) <= set(cost.names):
+        raise SmpqError(f"malformed {run}/contributions.json: 'layers' must name searched "
+                        "layers of the model")
+    for name, row in layers.items():
+        if not isinstance(row, dict) or row.get("w_bits") != list(cfg.w_bits) or \
+                row.get("a_bits") != list(cfg.a_bits):
+            raise SmpqError(f"malformed {run}/contributions.json: layer {name!r} does not have "
+                            "the search's candidate bits")
+    players = contrib.get("players")
+    if not isinstance(players, list):
+        raise SmpqError(f"malformed {run}/contributions.json: 'players' must be a list")
+    if cfg.method == "smpq" and players:
+        scores = _ema_scores(players, layers, cfg.w_bits, cfg.a_bits, run)
+    else:
+        scores = {n: (_log_softmax(_vector(r.get("alpha_w"), len(cfg.w_bits), run, n)),
+                      _log_softmax(_vector(r.get("alpha_a"), len(cfg.a_bits), run, n)))
+                  for n, r in layers.items()}
+    fixed = {n: policy.layers[n] for n in cost.names if n not in layers}
+    return SavedSearch(cost, scores, [weight_spec(b) for b in cfg.w_bits],
+                       [act_spec(b) for b in cfg.a_bits], fixed, dict(policy.meta))
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise SmpqError(f"malformed {path}: {type(exc).__name__}") from None
+    if not isinstance(data, dict):
+        raise SmpqError(f"malformed {path}: expected a JSON object")
+    return data
+
+
+def _vector(values: object, n: int, run: Path, layer: str) -> np.ndarray:
+    ok = isinstance(values, list) and len(values) == n and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        for v in values)
+    if not ok:
+        raise SmpqError(f"malformed {run}/contributions.json: layer {layer!r} needs {n} "
+                        "finite scores per kind")
+    return np.asarray(values, dtype=float)
+
+
+def _ema_scores(players: list, layers: Mapping, w_bits: Sequence[int], a_bits: Sequence[int],
+                run: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per layer, the players' averaged estimates in candidate order (weights, activations)."""
+    ema: dict[tuple, object] = {}
+    for p in players:
+        if not isinstance(p, dict):
+            raise SmpqError(f"malformed {run}/contributions.json: a player is not an object")
+        ema[(p.get("layer"), p.get("kind"), p.get("bits"))] = p.get("ema")
+    out = {}
+    for name in layers:
+        w = [ema.get((name, "w", b)) for b in w_bits]
+        a = [ema.get((name, "a", b)) for b in a_bits]
+        out[name] = (_vector(w, len(w_bits), run, name), _vector(a, len(a_bits), run, name))
+    return out
+
+
+def _log_softmax(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, dtype=float)
+    m = a.max()
+    return a - m - np.log(np.exp(a - m).sum())
