@@ -306,7 +306,8 @@ def stratified_svarm(
     1 / min(s, n - s) (a simplification of the paper's size distribution), uniform given s; v(A)
     updates the "with i" mean of stratum s - 1 for every i in A and the "without i" mean of
     stratum s for every other player. A stratum nobody hit borrows the mean of all draws of its
-    size. stderr from the per-stratum sample variances (strata are independent given counts).
+    size (biased until every stratum has a draw). stderr from the per-stratum sample variances
+    (strata are independent given their counts).
     """
     n, budget = _check(n_players, budget, 2 * n_players + 3)
     if n < 4:
