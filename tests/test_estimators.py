@@ -90,6 +90,21 @@ def test_brute_force_reference_agrees_with_closed_form():
     np.testing.assert_allclose(ref / len(orders), phi, atol=1e-12)
 
 
+def test_an_antithetic_pair_integrates_order_two_games():
+    # why estimators.py has no pairwise control variate on antithetic permutations
+    n = 9
+    v, phi = quadratic(n, seed=2)
+    perm = np.random.default_rng(0).permutation(n)
+    mean = np.zeros(n)
+    for order in (perm, perm[::-1]):
+        mask = np.zeros((1, n), bool)
+        for p in order:
+            before = v(mask)[0]
+            mask[0, p] = True
+            mean[p] += (v(mask)[0] - before) / 2
+    np.testing.assert_allclose(mean, phi, atol=1e-12)
+
+
 @pytest.mark.parametrize("est", [kernel_shap, stratified_kernel_shap])
 @pytest.mark.parametrize("n", [7, 12])
 def test_paired_regressions_are_exact_on_order_two_games(est, n):

@@ -15,7 +15,8 @@ Both reuse every coalition they evaluate instead of reading each one once:
 No pairwise-surrogate control variate for permutation sampling: an antithetic permutation pair
 already integrates every game of order <= 2 exactly (so does a paired KernelSHAP sample), so
 a pairwise surrogate g has zero variance there and ``phi(g) + (v - g)`` on antithetic pairs
-equals plain antithetic sampling, sample by sample (measured; see benchmarks/estimators.md).
+equals plain antithetic sampling, sample by sample (checked while building this module;
+tests/test_estimators.py checks the identity behind it).
 
 Each takes an evaluation ``budget`` (distinct coalitions sent to ``value_fn``, memoised through
 ``smpq.shapley.ValueCache``) and a seeded ``numpy.random.Generator``, and returns an
@@ -220,7 +221,7 @@ def stratified_kernel_shap(
     """
     n = _check(n_players, 2, 2)[0]
     n_classes = n // 2
-    _, budget = _check(n, budget, 2 + 2 * pilot_pairs * 2 * n_classes)
+    _, budget = _check(n, budget, 2 + 2 * pilot_pairs * n_classes)
     if rounds < 1 or pilot_pairs < 2 or not 0 <= mix <= 1:
         raise SmpqError("need rounds >= 1, pilot_pairs >= 2 and 0 <= mix <= 1")
     cache = ValueCache(value_fn, n, batch_size)
