@@ -194,6 +194,9 @@ def load_search(run_dir: str | os.PathLike) -> SavedSearch:
         if not (run / name).is_file():
             raise SmpqError(f"{run} is not a search output (from `smpq search`): no {name}")
     policy = Policy.load(run / "policy.json")
+    if policy.meta.get("method") == "shapley-loop":
+        raise SmpqError(f"{run} is a shapley-loop run: its policies were measured at its own "
+                        "budget; run `smpq search` at the new budget (derive needs smpq/dmpq)")
     if not isinstance(policy.meta.get("search"), dict):
         raise SmpqError(f"{run}/policy.json has no search configuration: not a search output")
     cfg = SearchConfig.from_dict(policy.meta["search"])
