@@ -269,3 +269,29 @@ def test_ptq_infeasible_budget_fails_before_the_tiny_lm_is_trained(monkeypatch, 
                        tmp_path / "p")
     one_error_line(code, err, "avg_bits")
     assert not (tmp_path / "p").exists()
+
+
+def test_quantize_under_a_file_size_limit_leaves_the_previous_output(ckpt, tmp_path):
+    """The real thing (`ulimit -f`): the weights file outgrows the limit mid-write."""
+    import resource
+
+    out = tmp_path / "q"
+    args = [sys.executable, "-m", "smpq.cli", "quantize", "--checkpoint", str(ckpt), "--out",
+            str(out)]
+    env = {**os.environ, "PYTHONPATH": SRC, "PYTHONDONTWRITEBYTECODE": "1"}
+    first = subprocess.run([*args, "--uniform", "8/8"], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert first.returncode == 0, first.stderr
+    before = tree(out)
+    weights = max(len(v) for k, v in before.items() if k.startswith("model/"))
+    limit = max(len(v) for k, v in before.items() if not k.startswith("model/")) + 1024
+    assert limit < weights, "the test needs weights larger than the other files"
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    second = subprocess.run([*args, "--uniform", "4/4"], env=env, capture_output=True,
+                            text=True, timeout=300, preexec_fn=small_files)
+    assert second.returncode != 0
+    assert tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
