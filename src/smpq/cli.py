@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import typer
@@ -88,6 +89,32 @@ def fp_model(data: str, model: str, checkpoint: Path | None, cache: Path,
     return net, splits, meta
 
 
+def _claim(out: Path | None, keep: tuple[str, ...] = ()):
+    """`fileio.output_dir(out)` (checked and locked now, outputs swapped in at the end), or
+    nothing when there is no --out."""
+    from smpq.fileio import output_dir
+
+    return nullcontext(None) if out is None else output_dir(out, keep)
+
+
+def _interrupted(state: Path, what: str) -> typer.Exit:
+    """Ctrl-C: one line saying what was kept and the command that resumes; exit code 130."""
+    argv = [a for a in sys.argv[1:] if a != "--resume"]
+    if state.exists():
+        epoch = ""
+        try:
+            st = json.loads((state / "state.json").read_text(encoding="utf-8"))
+            epoch = f" (after epoch {int(st['epoch'])})"
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        msg = (f"interrupted: {what}{epoch} is kept in {state}; to continue, run: "
+               f"smpq {shlex.join(argv)} --resume")
+    else:
+        msg = f"interrupted before any {what} was written; nothing to resume"
+    err_console.print(msg, markup=False, highlight=False, soft_wrap=True)
+    return typer.Exit(130)
+
+
 def _policy_from_args(names, policy: Path | None, uniform: str | None, pin: bool):
     from smpq.cnn.pipeline import default_pinned
     from smpq.policy import Policy
@@ -134,14 +161,15 @@ def train(
     from smpq.cnn.train import TrainConfig, evaluate, save_checkpoint
     from smpq.cnn.train import train as train_loop
 
-    splits = get_splits(data, data_dir)
-    cfg = TrainConfig(epochs=epochs, seed=seed)
-    net = build_model(model, splits.input_shape, splits.num_classes, seed=seed)
-    with progress_bar(f"train {model}", cfg.epochs) as bar:
-        train_loop(net, splits.train, cfg, val_set=splits.val, progress=bar)
-    val_acc, _ = evaluate(net, splits.val)
-    save_checkpoint(out, net, {"dataset": data, "train_config": cfg.to_dict(),
-                               "val_acc": val_acc})
+    with _claim(out) as stage:
+        splits = get_splits(data, data_dir)
+        cfg = TrainConfig(epochs=epochs, seed=seed)
+        net = build_model(model, splits.input_shape, splits.num_classes, seed=seed)
+        with progress_bar(f"train {model}", cfg.epochs) as bar:
+            train_loop(net, splits.train, cfg, val_set=splits.val, progress=bar)
+        val_acc, _ = evaluate(net, splits.val)
+        save_checkpoint(stage, net, {"dataset": data, "train_config": cfg.to_dict(),
+                                     "val_acc": val_acc})
     console.print(f"saved {out}  (validation accuracy {val_acc:.4f})")
 
 
@@ -205,19 +233,22 @@ def quantize(
     from smpq.cost import trace_costs
     from smpq.workflows import evaluate_policy
 
-    net, splits, _ = fp_model(data, model, checkpoint, cache)
-    mc = trace_costs(net, splits.val[0][0][None])
-    pol = _policy_from_args(mc.names, policy, uniform, pin)
-    row, qnet = evaluate_policy(net, splits, mc, pol, qat_epochs=qat_epochs, seed=seed,
-                                progress=progress_bar)
-    console.print(_table("result", [row], list(row)))
-    if out is not None:
-        from smpq.cnn.train import save_checkpoint
-        from smpq.fileio import atomic_write_text
+    with _claim(out) as stage:
+        net, splits, _ = fp_model(data, model, checkpoint, cache)
+        mc = trace_costs(net, splits.val[0][0][None])
+        pol = _policy_from_args(mc.names, policy, uniform, pin)
+        row, qnet = evaluate_policy(net, splits, mc, pol, qat_epochs=qat_epochs, seed=seed,
+                                    progress=progress_bar)
+        console.print(_table("result", [row], list(row)))
+        if stage is not None:
+            from smpq.cnn.train import save_checkpoint
+            from smpq.fileio import atomic_write_text
 
-        pol.save(out / "policy.json")
-        atomic_write_text(out / "metrics.json", json.dumps(row, indent=2) + "\n")
-        save_checkpoint(out / "model", qnet, {"dataset": splits.name, "policy": pol.to_dict()})
+            pol.save(stage / "policy.json")
+            atomic_write_text(stage / "metrics.json", json.dumps(row, indent=2) + "\n")
+            save_checkpoint(stage / "model", qnet, {"dataset": splits.name,
+                                                    "policy": pol.to_dict()})
+    if out is not None:
         console.print(f"wrote {out}")
 
 
@@ -277,7 +308,7 @@ def search(
     from smpq.cnn.pipeline import default_pinned
     from smpq.cnn.search.supernet_search import METHODS as SUPERNET
     from smpq.cost import Budget, trace_costs
-    from smpq.workflows import ROW_COLS, run_search
+    from smpq.workflows import ROW_COLS, check_budget_untrained, run_search
 
     strategy.get(method, "cnn")  # unknown names fail here, before any work
     if top_k < 1:
@@ -291,12 +322,19 @@ def search(
     options = {} if supernet else {"n_evaluations": evaluations, "top_k": top_k,
                                    "metric": value or "neg_kl"}
     bud = Budget.parse(budget)
-    net, splits, _ = fp_model(data, model, checkpoint, cache, data_dir=data_dir)
-    mc = trace_costs(net, splits.val[0][0][None])
-    fixed = default_pinned(mc.names) if pin else {}
-    rows = run_search(net, splits, mc, bud, cfg, fixed, out=out, resume=resume, compare=compare,
-                      finetune_epochs=finetune_epochs, seed=seed, progress=progress_bar,
-                      method=method, options=options)
+    engine_ckpt = out / "engine_state.json"
+    with _claim(out, keep=("checkpoint", "engine_state.json")) as stage:
+        try:
+            check_budget_untrained(data, model, checkpoint, data_dir, bud, cfg, pin, seed)
+            net, splits, _ = fp_model(data, model, checkpoint, cache, data_dir=data_dir)
+            mc = trace_costs(net, splits.val[0][0][None])
+            fixed = default_pinned(mc.names) if pin else {}
+            rows = run_search(net, splits, mc, bud, cfg, fixed, out=stage, resume=resume,
+                              compare=compare, finetune_epochs=finetune_epochs, seed=seed,
+                              progress=progress_bar, work=out, method=method, options=options)
+        except KeyboardInterrupt:
+            raise (_interrupted(out / "checkpoint", "the search checkpoint") if supernet else
+                   _interrupted(engine_ckpt, "the search state")) from None
     console.print(_table(f"{method} at {bud}", rows, ROW_COLS))
     console.print(f"wrote {out}/policy.json, contributions.json, report.html")
 
@@ -340,7 +378,7 @@ def compare(
     from smpq.cnn.pipeline import default_pinned
     from smpq.compare import compare_methods
     from smpq.cost import Budget, trace_costs
-    from smpq.workflows import ROW_COLS, run_compare
+    from smpq.workflows import ROW_COLS, check_budget_untrained, run_compare
 
     known = compare_methods()
     wanted = [m.strip() for m in methods.split(",") if m.strip()]
@@ -350,11 +388,13 @@ def compare(
     cfg = _search_config("smpq", epochs, 10, 0.5, False, "acc", "milp", False, w_bits, a_bits,
                          seed)
     bud = Budget.parse(budget)
-    net, splits, _ = fp_model(data, model, checkpoint, cache, data_dir=data_dir)
-    mc = trace_costs(net, splits.val[0][0][None])
-    fixed = default_pinned(mc.names) if pin else {}
-    rows = run_compare(wanted, net, splits, mc, bud, fixed, cfg, out=out,
-                       finetune_epochs=finetune_epochs, seed=seed, progress=progress_bar)
+    with _claim(out) as stage:
+        check_budget_untrained(data, model, checkpoint, data_dir, bud, cfg, pin, seed)
+        net, splits, _ = fp_model(data, model, checkpoint, cache, data_dir=data_dir)
+        mc = trace_costs(net, splits.val[0][0][None])
+        fixed = default_pinned(mc.names) if pin else {}
+        rows = run_compare(wanted, net, splits, mc, bud, fixed, cfg, out=stage,
+                           finetune_epochs=finetune_epochs, seed=seed, progress=progress_bar)
     console.print(_table(f"methods at {bud}", rows, ROW_COLS))
     console.print(f"wrote {out}/compare.json, compare.md, compare.png and policies/")
 
@@ -372,16 +412,20 @@ def run(
     the paper's SMPQ, DMPQ, the best uniform policy and random search, side by side."""
     from smpq.cnn.pipeline import default_pinned
     from smpq.cost import Budget, trace_costs
-    from smpq.workflows import ROW_COLS, run_default
+    from smpq.workflows import ROW_COLS, check_budget_untrained, run_default
 
     bud = Budget.parse(budget)
-    net, splits, meta = fp_model(data, model, None, cache, seed=seed)
-    mc = trace_costs(net, splits.val[0][0][None])
-    fixed = default_pinned(mc.names)
     cfg = _search_config("smpq", epochs, 10, 0.5, False, "acc", "milp", False,
                          "2,3,4,8", "2,3,4,8", seed)
-    res = run_default(net, splits, meta, mc, bud, cfg, fixed, out=out, data=data, model=model,
-                      finetune_epochs=finetune_epochs, seed=seed, progress=progress_bar)
+    with _claim(out, keep=("smpq/checkpoint", "dmpq/checkpoint",
+                           "shapley-loop/engine_state.json")) as stage:
+        check_budget_untrained(data, model, None, None, bud, cfg, True, seed)
+        net, splits, meta = fp_model(data, model, None, cache, seed=seed)
+        mc = trace_costs(net, splits.val[0][0][None])
+        fixed = default_pinned(mc.names)
+        res = run_default(net, splits, meta, mc, bud, cfg, fixed, out=stage, data=data,
+                          model=model, finetune_epochs=finetune_epochs, seed=seed,
+                          progress=progress_bar, work=out)
     console.print(f"DMPQ's alpha and SMPQ's Shapley values pick the same bit-width in "
                   f"{res.agree} of {res.decisions} (layer, weight/activation) decisions")
     title = f"{model} on {data}, budget {bud} (first/last layer pinned at 8/8)"
@@ -405,8 +449,12 @@ def ptq(
     """Post-training mixed precision for a transformer's linear layers (weight-only)."""
     from smpq.transformer.run import ptq_command
 
-    console.print(ptq_command(model=model, budget=budget, backend=backend, method=method,
-                              out=str(out), resume=resume, seed=seed, candidates=candidates))
+    try:
+        report = ptq_command(model=model, budget=budget, backend=backend, method=method,
+                             out=str(out), resume=resume, seed=seed, candidates=candidates)
+    except KeyboardInterrupt:
+        raise _interrupted(out / "shapley_state.json", "the Shapley sampler state") from None
+    console.print(report)
 
 
 def main() -> None:

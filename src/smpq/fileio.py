@@ -1,20 +1,30 @@
 """Atomic file writes and cache publishing: a reader (or a killed run) never sees half a file.
 
 The one place for "write to a temporary name, then rename": single files (`atomic_write`,
-`atomic_write_text`, `atomic_write_bytes`, `atomic_save_safetensors`) and whole cache folders
-(`publish_dir`), so a crash mid-write leaves the old content, and two runs filling the same
-cache entry at once leave one complete copy.
+`atomic_write_text`, `atomic_write_bytes`, `atomic_save_safetensors`), whole cache folders
+(`publish_dir`), and a command's output folder (`output_dir`), so a crash mid-write leaves the
+old content, two runs filling the same cache entry at once leave one complete copy, and two
+commands never write one output folder at once.
+
+`output_dir(out)` in a picture (`keep` names the resumable state a command keeps in `out`):
+
+    check out (a folder, writable)  ->  lock <out>.lock (exclusive, released when we exit)
+    -> outputs written to .<name>.new/  ->  rename out to .<name>.old, .<name>.new to out
+    -> carry `keep` entries (checkpoints) over from .<name>.old  ->  delete .<name>.old
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from smpq.errors import SmpqError
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -24,8 +34,12 @@ __all__ = [
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_text",
+    "check_output_dir",
+    "output_dir",
     "publish_dir",
 ]
+
+OUTPUT_MARKER = ".smpq-output"  # in a folder `output_dir` wrote: it may replace it whole
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -92,3 +106,130 @@ def publish_dir(final: str | os.PathLike, marker: str) -> Iterator[Path]:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- output folders ------------------------------------------------------------------------
+
+def check_output_dir(out: str | os.PathLike) -> Path:
+    """Raise SmpqError unless `out` is (or can be made) a writable folder; returns it absolute.
+
+    Cheap, so commands call it before any model loading or training."""
+    out = Path(os.path.abspath(out))
+    if out.exists() and not out.is_dir():
+        raise SmpqError(f"output folder {out} is an existing file; give a folder path")
+    probe = out
+    while not probe.exists():  # the nearest existing ancestor is where folders get created
+        probe = probe.parent
+    if not probe.is_dir():
+        raise SmpqError(f"cannot create output folder {out}: {probe} is a file")
+    for folder in {probe, out.parent} if out.exists() else {probe}:
+        if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+            raise SmpqError(f"output folder {out} cannot be written: {folder} is read-only")
+    return out
+
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `<out>.lock` (the OS drops it if we die); remove it after."""
+    lock = out.with_name(out.name + ".lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise SmpqError(f"output folder {out} is in use by another smpq run (pid {holder}); "
+                            "wait for it to finish or choose another --out") from None
+        try:  # the previous holder may have unlinked the file between our open and flock
+            st = os.stat(lock)
+            fresh = (st.st_dev, st.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
+        except FileNotFoundError:
+            fresh = False
+        if fresh:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)  # unlink while still locked, so a waiter's inode check sees it
+        os.close(fd)
+
+
+def _move(src: Path, dst: Path) -> None:
+    """Rename `src` to `dst` (parents made) unless `src` is absent or `dst` already exists."""
+    if (src.exists() or src.is_symlink()) and not (dst.exists() or dst.is_symlink()):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dst)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _recover(out: Path, old: Path, keep: tuple[str, ...]) -> None:
+    """Finish a swap a killed run left half done: the previous output is restored or kept."""
+    if not old.exists():
+        return
+    if not out.exists():
+        os.replace(old, out)  # killed between the two renames: bring the previous output back
+        return
+    for rel in keep:  # killed after the swap: finish carrying the resumable state
+        _move(old / rel, out / rel)
+    _remove(old)
+
+
+def _swap(stage: Path, out: Path, old: Path, keep: tuple[str, ...]) -> None:
+    """Put `stage` in place of `out`, carrying `keep` entries over from the old folder."""
+    if not out.exists():
+        os.replace(stage, out)
+    elif (out / OUTPUT_MARKER).is_file() or {e.name for e in out.iterdir()} <= {
+            Path(rel).parts[0] for rel in keep}:  # ours, or only our resumable state
+        os.replace(out, old)
+        os.replace(stage, out)
+        for rel in keep:
+            _move(old / rel, out / rel)
+        _remove(old)
+    else:  # a folder smpq did not make (e.g. `--out .`): replace only the entries we wrote
+        (stage / OUTPUT_MARKER).unlink()
+        old.mkdir()
+        for entry in sorted(stage.iterdir()):
+            _move(out / entry.name, old / entry.name)
+            os.replace(entry, out / entry.name)
+        _remove(old)
+
+
+@contextlib.contextmanager
+def output_dir(out: str | os.PathLike, keep: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Claim `out` for one command; yield an empty staging folder for its final outputs.
+
+    `out` is checked (`check_output_dir`) and locked for the whole block: a second command
+    on the same folder fails at once with an SmpqError naming the holder's pid. On a clean
+    exit the staging folder replaces `out`; the paths in `keep` (relative to `out`:
+    checkpoints and caches that the command writes straight into `out` so that a killed run
+    can resume) are carried over from the previous folder. On an exception (or a kill) the
+    previous `out` is left as it was. A folder `out` that smpq did not make (no marker file)
+    is not replaced whole: only the entries the command wrote are.
+    """
+    out = check_output_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    keep = tuple(keep)
+    stage, old = (out.parent / f".{out.name}.{part}" for part in ("new", "old"))
+    with _locked(out):
+        _recover(out, old, keep)
+        _remove(stage)  # left by a run that was killed before its swap
+        stage.mkdir()
+        try:
+            yield stage
+            (stage / OUTPUT_MARKER).write_text("written by smpq; replaced whole on the next "
+                                               "run with this output folder\n")
+            _swap(stage, out, old, keep)
+        finally:
+            _remove(stage)

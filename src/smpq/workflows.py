@@ -14,6 +14,10 @@ parses arguments, calls them and prints what they return.
 Methods are looked up in `smpq.strategy`'s registry (through `compare.run_method`). Progress
 is reported through a `ProgressFactory`: `progress(description, total)` is a context manager
 yielding a callback `(done, total, metrics=None)`; the default shows nothing.
+
+Final outputs go to `out`; resumable state (search checkpoints) to `work`, which defaults to
+`out`. The CLI claims the folder with `smpq.fileio.output_dir`: `out` is then a staging
+folder swapped in at the end, `work` the locked folder itself, so a killed run can resume.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ __all__ = [
     "DefaultRun",
     "ProgressFactory",
     "alpha_vs_shapley",
+    "check_budget",
+    "check_budget_untrained",
     "derive_from_run",
     "evaluate_policy",
     "fmt_cell",
@@ -87,6 +93,35 @@ def markdown(rows: list[dict], cols: list[str]) -> str:
 def _epochs(bar: Callable[..., None]) -> Callable[[str, int, int], None]:
     """A search progress callback that forwards epoch ticks to a progress bar."""
     return lambda kind, done, total: bar(done, total) if kind == "epoch" else None
+
+
+def check_budget(mc: ModelCost, budget: Budget, cfg: SearchConfig, fixed: Fixed) -> None:
+    """Raise SmpqError if no policy over cfg's candidate bits meets `budget` (as the search
+    itself checks it); needs only the layer shapes, so commands call it before training."""
+    from smpq.spec import act_spec, weight_spec
+
+    pairs = [LayerChoice(weight_spec(w), act_spec(a)) for w in cfg.w_bits for a in cfg.a_bits]
+    budget.ensure_feasible(mc, {**{n: pairs for n in mc.names if n not in fixed},
+                                **{n: [c] for n, c in fixed.items()}}, fixed)
+
+
+def check_budget_untrained(data: str, model: str, checkpoint: Path | None,
+                           data_dir: str | None, budget: Budget, cfg: SearchConfig, pin: bool,
+                           seed: int = 0) -> None:
+    """`check_budget` before a float model is trained: feasibility needs only the layer
+    shapes, which an untrained model of the same architecture has. A no-op with a
+    `checkpoint` (loading it is cheap, and every search checks before it trains)."""
+    if checkpoint is not None:
+        return
+    from smpq.cnn.data import get_splits
+    from smpq.cnn.models import build_model
+    from smpq.cnn.pipeline import default_pinned
+    from smpq.cost import trace_costs
+
+    splits = get_splits(data, data_dir)
+    net = build_model(model, splits.input_shape, splits.num_classes, seed=seed)
+    mc = trace_costs(net, splits.val[0][0][None])
+    check_budget(mc, budget, cfg, default_pinned(mc.names) if pin else {})
 
 
 # -- quantize -------------------------------------------------------------------------------
@@ -153,18 +188,21 @@ def run_search(net: nn.Module, splits: Splits, mc: ModelCost, budget: Budget,
                cfg: SearchConfig, fixed: Fixed, *, out: Path, resume: bool = False,
                compare: bool = True, finetune_epochs: int = 3, seed: int = 0,
                progress: ProgressFactory = no_progress, method: str | None = None,
-               options: Mapping[str, Any] | None = None) -> list[dict]:
+               options: Mapping[str, Any] | None = None, work: Path | None = None
+               ) -> list[dict]:
     """`method`'s search (default cfg.method; and the best uniform policy), finetuned and
-    scored; writes `out`. Supernet methods run cfg's epochs; the engine (shapley-loop) spends
-    `options["n_evaluations"]` value evaluations; cfg gives both the candidates and seed."""
+    scored; writes `out` (and its checkpoint into `work`, default `out`). Supernet methods run
+    cfg's epochs; the engine (shapley-loop) spends `options["n_evaluations"]` value
+    evaluations; cfg gives both the candidates and the seed."""
     method = method or cfg.method
     options = dict(options or {})
     supernet = method in SUPERNET_METHODS
     total = cfg.epochs if supernet else int(options.get("n_evaluations", DEFAULT_EVALUATIONS))
     with progress(f"{method} search", total) as bar:
         tick = _epochs(bar) if supernet else (lambda done, planned, best: bar(done, planned))
-        found, outcome = run_method(method, net, splits, mc, budget, fixed, cfg, out=out,
-                                    resume=resume, progress=tick, **options)
+        found, outcome = run_method(method, net, splits, mc, budget, fixed, cfg,
+                                    out=out if work is None else work, resume=resume,
+                                    progress=tick, **options)
     results = [found]
     if compare:
         results.append(best_uniform(mc, budget, cfg.w_bits, cfg.a_bits, fixed))
@@ -254,8 +292,9 @@ def alpha_vs_shapley(out: Path, dmpq: SearchOutcome, smpq: SearchOutcome) -> tup
 def run_default(net: nn.Module, splits: Splits, meta: dict, mc: ModelCost, budget: Budget,
                 cfg: SearchConfig, fixed: Fixed, *, out: Path, data: str, model: str,
                 finetune_epochs: int = 3, seed: int = 0,
-                progress: ProgressFactory = no_progress) -> DefaultRun:
-    """Float model, SMPQ and DMPQ at one budget vs uniform; writes `out` (see module doc)."""
+                progress: ProgressFactory = no_progress, work: Path | None = None) -> DefaultRun:
+    """Float model, SMPQ and DMPQ at one budget vs uniform; writes `out` (see module doc)
+    and the searches' checkpoints to `work`/smpq and `work`/dmpq."""
     from smpq.cnn.train import evaluate
 
     fp_val, _ = evaluate(net, splits.val)
@@ -276,13 +315,15 @@ def run_default(net: nn.Module, splits: Splits, meta: dict, mc: ModelCost, budge
         elif method == ENGINE:
             with progress(f"{method} search", engine_evals) as bar:
                 res, outcome = run_method(
-                    method, net, splits, mc, budget, fixed, cfg, out=out / method,
-                    n_evaluations=engine_evals, progress=lambda d, t, b, bar=bar: bar(d, t))
+                    method, net, splits, mc, budget, fixed, cfg,
+                    out=(out if work is None else work) / method, n_evaluations=engine_evals,
+                    progress=lambda d, t, b, bar=bar: bar(d, t))
             engine_evals, engine_res = res.evaluations, res
         else:
             with progress(f"{method} search", cfg.epochs) as bar:
                 res, outcome = run_method(method, net, splits, mc, budget, fixed, cfg,
-                                          out=out / method, progress=_epochs(bar))
+                                          out=(out if work is None else work) / method,
+                                          progress=_epochs(bar))
         outcomes[method] = outcome
         rows.append(policy_row(net, splits, mc, res, finetune_epochs=finetune_epochs,
                                seed=seed))

@@ -32,6 +32,7 @@ from smpq.alloc.objectives import (
     _Quadratic,
 )
 from smpq.alloc.problem import REL_TOL, Problem, total
+from smpq.alloc.quiet import quiet_solver
 from smpq.errors import SmpqError
 
 __all__ = [
@@ -97,9 +98,10 @@ def _milp_solve(p: Problem, obj: _Linear | _Quadratic | _Pairwise, metrics: tupl
     if time_limit is not None:
         options["time_limit"] = float(time_limit)
     for _ in range(MAX_CUTS + 1):
-        res = milp(model.c, integrality=model.integrality,
-                   bounds=Bounds(np.zeros(model.c.size), model.ub),
-                   constraints=constraints, options=options)
+        with quiet_solver():  # HiGHS prints below Python, into the progress bars
+            res = milp(model.c, integrality=model.integrality,
+                       bounds=Bounds(np.zeros(model.c.size), model.ub),
+                       constraints=constraints, options=options)
         if res.x is None:
             if res.status == 2:
                 return None, "infeasible"

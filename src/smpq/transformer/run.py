@@ -17,7 +17,9 @@ packed checkpoint (model.safetensors + quant_meta.json, `smpq.export.load_quanti
 not for AWQ backends, whose channel scales would need folding into the previous op),
 exports/ (llama.cpp, GPTQModel, torchao, HF), cache/candidates/ and shapley_state.json.
 Candidate weights are content-keyed and always reused; `resume=True` also continues the
-Shapley sampling from shapley_state.json (without it, sampling starts afresh).
+Shapley sampling from shapley_state.json (without it, sampling starts afresh). `run_ptq`
+claims `out` with `smpq.fileio.output_dir`: locked for the run, the final files written aside
+and swapped in at the end; the cache and the sampler state stay in `out` for resuming.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from smpq import strategy
 from smpq.alloc import Allocation
 from smpq.cost import Budget, ModelCost, ResolvedBudget
 from smpq.errors import SmpqError
-from smpq.fileio import atomic_write_text
+from smpq.fileio import atomic_write_text, output_dir
 from smpq.shapley import ShapleyResult
 from smpq.strategy import SearchProblem
 from smpq.transformer.mixed import (
@@ -96,6 +98,29 @@ def _digest(*tensors: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
+def _model_cost(model: torch.nn.Module) -> tuple[dict[str, torch.nn.Module], ModelCost]:
+    """The linear layers smpq quantizes and their costs (the rest counts as float params)."""
+    from smpq.transformer.models import linear_layers
+
+    linears = linear_layers(model)
+    quant = {id(p) for m in linears.values() for p in (m.weight, m.bias) if p is not None}
+    other = sum(p.numel() for p in model.parameters() if id(p) not in quant)
+    return linears, ModelCost.from_linears(linears, other_params=other)
+
+
+def _check_budget_early(model: str, budget: Budget, candidates: str | list) -> None:
+    """An impossible budget on the tiny LM fails before it is trained (minutes on a CPU): its
+    layer shapes come from the config, through an untrained model of the same shape."""
+    if model != "tiny-lm":  # other models load without training; PTQSession.resolve checks
+        return
+    from smpq.spec import LayerChoice
+    from smpq.transformer.tiny_lm import TinyLMConfig, build_tiny_lm
+
+    linears, cost = _model_cost(build_tiny_lm(TinyLMConfig()))
+    specs = parse_candidates(candidates)
+    budget.resolve(cost, {n: [LayerChoice(s, None) for s in specs] for n in linears})
+
+
 def _load(model: str, cache_dir: str) -> tuple[torch.nn.Module, Any, str]:
     from smpq.transformer.models import load_local, load_minilm
     from smpq.transformer.tiny_lm import default_tiny_lm
@@ -135,7 +160,7 @@ class PTQSession:
                  settings: RunSettings = RunSettings(), out: str | Path | None = None,
                  progress: Progress | None = None) -> None:
         from smpq.backends import BACKENDS
-        from smpq.transformer.models import arch_of, linear_layers, share_groups
+        from smpq.transformer.models import arch_of, share_groups
 
         if backend not in BACKENDS:
             raise SmpqError(f"unknown PTQ backend {backend!r}; known: {', '.join(BACKENDS)}")
@@ -145,11 +170,8 @@ class PTQSession:
         self.progress("load", 0, 1)
         self.model, self.tokenizer, self.kind = _load(model, settings.cache_dir)
         self.model_name, self.arch = model, arch_of(self.model)
-        self.linears = linear_layers(self.model)
+        self.linears, self.cost = _model_cost(self.model)
         self.groups = share_groups(list(self.linears), self.arch, settings.fuse)
-        quant = {id(p) for m in self.linears.values() for p in (m.weight, m.bias) if p is not None}
-        other = sum(p.numel() for p in self.model.parameters() if id(p) not in quant)
-        self.cost = ModelCost.from_linears(self.linears, other_params=other)
         self.progress("data", 0, 1)
         self._data()
         self._stats: dict | None = None
@@ -397,8 +419,18 @@ def run_ptq(model: str, budget: str | Budget, backend: str = "rtn", method: str 
     `budget` (e.g. "avg_bits=3.5"), evaluate, write the files; returns the summary."""
     find = strategy.get(method, "transformer")
     budget = Budget.parse(budget) if isinstance(budget, str) else budget
+    with output_dir(out, keep=("cache", "shapley_state.json")) as stage:
+        _check_budget_early(model, budget, candidates)
+        return _run_ptq(model, budget, backend, method, Path(out), stage, candidates, seed,
+                        resume, progress, settings, find)
+
+
+def _run_ptq(model: str, budget: Budget, backend: str, method: str, out: Path, stage: Path,
+             candidates: str | list, seed: int, resume: bool, progress: Progress | None,
+             settings: RunSettings, find: Callable) -> dict:
+    """run_ptq inside its claimed folder: caches and sampler state in `out`, files in
+    `stage`."""
     config = replace(settings.shapley, seed=seed)
-    out = Path(out)
     start = time.perf_counter()
     session = PTQSession(model, backend, candidates, settings, out, progress)
     resolved = session.resolve(budget)
@@ -415,10 +447,9 @@ def run_ptq(model: str, budget: str | Budget, backend: str = "rtn", method: str 
     session.progress("evaluate", 0, 1)
     metrics = session.evaluate(choice)
     session.progress("write", 0, 1)
-    out.mkdir(parents=True, exist_ok=True)
-    note = _write_model(session, out, policy)
+    note = _write_model(session, stage, policy)
     contrib = _contributions(session, choice, scores, result, errors)
-    atomic_write_text(out / "contributions.json", json.dumps(contrib, indent=1) + "\n")
+    atomic_write_text(stage / "contributions.json", json.dumps(contrib, indent=1) + "\n")
     summary = {
         "model": model, "kind": session.kind, "method": method, "backend": backend,
         "budget": str(budget), "seed": seed, "candidates": list(session.candidates.keys),
@@ -433,7 +464,7 @@ def run_ptq(model: str, budget: str | Budget, backend: str = "rtn", method: str 
         "seconds": time.perf_counter() - start, "limits": limits,
         "shapley": config.to_dict() if result is not None else None,
     }
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
+    atomic_write_text(stage / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
     return summary
 
 
