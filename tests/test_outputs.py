@@ -20,8 +20,10 @@ from smpq.errors import SmpqError
 from smpq.fileio import output_dir
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-FAST_SEARCH = ["--epochs", "2", "--permutations", "2", "--w-bits", "2,4", "--a-bits", "4,8",
-               "--finetune-epochs", "0", "--no-compare"]
+FAST_SEARCH = ["--method", "smpq", "--epochs", "2", "--permutations", "2", "--w-bits", "2,4",
+               "--a-bits", "4,8", "--finetune-epochs", "0", "--no-compare"]
+FAST_ENGINE = ["--evaluations", "24", "--top-k", "2", "--no-pin", "--finetune-epochs", "0",
+               "--no-compare"]
 
 
 @pytest.fixture(scope="module")
@@ -242,6 +244,39 @@ def test_ctrl_c_in_a_search_keeps_the_checkpoint_and_says_how_to_resume(
     assert code == 0, err
     assert json.loads((out / "policy.json").read_text())["layers"]
     assert json.loads((out / "checkpoint" / "state.json").read_text())["epoch"] == 2
+
+
+def test_ctrl_c_in_the_default_search_keeps_its_state_and_resumes_to_the_same_policy(
+        monkeypatch, capsys, ckpt, tmp_path):
+    import smpq.cnn.search.engine_search as es
+
+    ref = tmp_path / "ref"
+    code, _, err = cli(monkeypatch, capsys, "search", "--checkpoint", ckpt, "--out", ref,
+                       *FAST_ENGINE)
+    assert code == 0, err
+    assert len(json.loads((ref / "contributions.json").read_text())["rounds"]) >= 3
+    out = tmp_path / "s"
+    real, calls = es._engine_value, {"n": 0}
+
+    def value_then_interrupt(values, metric):
+        calls["n"] += 1
+        if calls["n"] == 3:  # inside the loop, after the screening's checkpoint
+            raise KeyboardInterrupt
+        return real(values, metric)
+
+    monkeypatch.setattr(es, "_engine_value", value_then_interrupt)
+    args = ["search", "--checkpoint", ckpt, "--out", out, *FAST_ENGINE]
+    code, _, err = cli(monkeypatch, capsys, *args)
+    assert code == 130
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert str(out / "engine_state.json") in lines[0] and lines[0].rstrip().endswith("--resume")
+    assert (out / "engine_state.json").is_file() and not (out / "policy.json").exists()
+    monkeypatch.setattr(es, "_engine_value", real)
+    code, _, err = cli(monkeypatch, capsys, *args, "--resume")
+    assert code == 0, err
+    got = json.loads((out / "policy.json").read_text())["layers"]
+    assert got == json.loads((ref / "policy.json").read_text())["layers"]
 
 
 # -- impossible budgets fail before training ------------------------------------------------

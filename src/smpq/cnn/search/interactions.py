@@ -24,6 +24,7 @@ from scipy import sparse
 
 from smpq.cnn.search.oracle import PolicyTable
 from smpq.errors import SmpqError
+from smpq.surrogate import r2_score
 
 __all__ = ["FitReport", "InteractionReport", "design_matrix", "interaction_analysis"]
 
@@ -89,14 +90,7 @@ def _fit(x: sparse.csr_matrix, y: np.ndarray, ridge: float) -> np.ndarray:
     return np.linalg.lstsq(gram, rhs, rcond=None)[0]
 
 
-def _r2(y: np.ndarray, pred: np.ndarray) -> float:
-    if len(y) < 2:
-        return math.nan
-    ss_tot = float(np.sum((y - y.mean()) ** 2))
-    ss_res = float(np.sum((y - pred) ** 2))
-    if ss_tot <= 1e-300:
-        return 1.0 if ss_res <= 1e-300 else math.nan
-    return 1.0 - ss_res / ss_tot
+_r2 = r2_score  # one definition of R^2 (smpq.surrogate)
 
 
 def _report(x: sparse.csr_matrix, y: np.ndarray, train: np.ndarray, ridge: float) -> FitReport:
