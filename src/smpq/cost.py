@@ -1,5 +1,10 @@
 """Cost model: per-layer parameters and MACs from a traced forward pass, and budgets.
 
+Why one module past ~400 lines: the metrics and the budget grammar that limits them must
+agree term by term (scopes, pinned layers, the constant part of size), and `Budget.resolve`
+is the one place where both meet; a split along `ModelCost` | `Budget` is the natural next
+step if either grows.
+
 Metrics of a policy (float layers count as 32/32):
 
 | metric   | definition                                                                   |
