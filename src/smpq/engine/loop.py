@@ -24,7 +24,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -103,13 +103,14 @@ class _State:
         self.screened = False
         self.stale = 0
         self.radius = 1
+        self.hyper: dict | None = None  # the surrogate's penalty/interaction weight, and when
         self.seconds = 0.0
 
     def to_dict(self) -> dict:
         return {"version": STATE_VERSION, "fingerprint": self.fingerprint,
                 "choices": [list(c) for c in self.choices], "values": self.values,
                 "rounds": self.rounds, "screened": self.screened, "stale": self.stale,
-                "radius": self.radius, "seconds": self.seconds}
+                "radius": self.radius, "hyper": self.hyper, "seconds": self.seconds}
 
     @classmethod
     def from_dict(cls, data: Mapping, fingerprint: dict) -> _State:
@@ -123,6 +124,7 @@ class _State:
         st.screened = bool(data["screened"])
         st.stale = int(data["stale"])
         st.radius = int(data["radius"])
+        st.hyper = data["hyper"]
         st.seconds = float(data["seconds"])
         return st
 
@@ -145,6 +147,25 @@ def _best(space: PolicySpace, st: _State) -> tuple[tuple[int, ...] | None, float
         if f and v > val:
             best, val = c, v
     return best, val
+
+
+RESELECT = 1.25  # choose the surrogate's hyper-parameters again once the data grew this much
+
+
+def _fit(space: PolicySpace, st: _State, cfg: EngineConfig) -> QuadraticModel:
+    """The surrogate on every evaluated policy. Cross-validated model selection (the costly
+    part) runs when the data has grown by RESELECT since the last one; in between the chosen
+    penalty and interaction weight are reused. The schedule depends only on the data, so a
+    resumed run fits exactly the same models."""
+    x, y = np.array(st.choices), np.array(st.values)
+    if st.hyper is None or len(y) >= RESELECT * st.hyper["n"]:
+        model = fit_model(space, x, y, seed=cfg.seed)
+        st.hyper = {"n": len(y), "lam": model.lam, "pair_scale": model.pair_scale,
+                    "r2_cv": model.r2_cv}
+        return model
+    model = fit_model(space, x, y, seed=cfg.seed, lam=st.hyper["lam"],
+                      pair_scale=st.hyper["pair_scale"])
+    return replace(model, r2_cv=st.hyper["r2_cv"])
 
 
 def run_engine(space: PolicySpace, evaluate: Evaluate, config: EngineConfig | None = None, *,
@@ -210,7 +231,7 @@ def run_engine(space: PolicySpace, evaluate: Evaluate, config: EngineConfig | No
     model: QuadraticModel | None = None
     stopped = "budget"
     while len(st.choices) < cfg.evaluations:
-        model = fit_model(space, np.array(st.choices), np.array(st.values), seed=cfg.seed)
+        model = _fit(space, st, cfg)
         linear, quad = model.choice_tables(space)
         room = cfg.evaluations - len(st.choices)
         best_before, val_before = _best(space, st)
