@@ -315,3 +315,45 @@ def test_killing_a_ray_actor_mid_batch_still_gives_the_same_policy(digits, tmp_p
     assert made[0].killed and made[0].replaced >= 1
     assert remote.policy.layers == local.policy.layers
     assert _state(tmp_path / "ray") == _state(tmp_path / "local")
+
+
+# -- the tiny LM: the progressive game's value on every backend ----------------------------
+
+@pytest.fixture(scope="module")
+def lm_task(tmp_path_factory):
+    from smpq.transformer.data import stdlib_corpus
+    from smpq.transformer.run import RunSettings
+    from smpq.transformer.tasks import SessionTask
+    from smpq.transformer.tiny_lm import TinyLMConfig, train_tiny_lm
+
+    root = tmp_path_factory.mktemp("lm")
+    cfg = TinyLMConfig(hidden=32, layers=1, heads=2, intermediate=64, context=16, steps=30,
+                       batch_size=8, warmup=4, lr=1e-2)
+    folder = train_tiny_lm(cfg, stdlib_corpus()["calibration"][:3], root / "cache")
+    settings = RunSettings(block=32, calib_blocks=4, val_blocks=2, test_blocks=2, batch_size=4,
+                           cache_dir=str(root / "cache"))
+    task = SessionTask(str(folder), out=str(root / "run"), candidates="int2g32,int4g32,int8g32",
+                       settings=settings)
+    session = task.session()  # quantizes the candidates once; workers read the cache
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, 3, size=(10, len(session.groups)))
+    return task, session, rows
+
+
+def test_lm_task_values_are_the_progressive_games(lm_task):
+    task, session, rows = lm_task
+    game = session.game()
+    want = [game.value(tuple(r)) for r in rows.tolist()]
+    session.swapper.restore()
+    got = LocalEvaluator(task)(rows)
+    assert got.tolist() == want and len(set(want)) > 1
+
+
+@needs_ray
+def test_ray_two_workers_give_the_local_values_on_the_tiny_lm(lm_task, ray_cluster):
+    task, _, rows = lm_task
+    local = LocalEvaluator(task)(rows)
+    with make_evaluator(task, EvaluatorConfig(workers=2)) as ev:
+        remote = ev(rows)
+        assert ev.workers == 2 and ev.calls == len({tuple(r) for r in rows.tolist()})
+    assert remote.tolist() == local.tolist()
