@@ -357,3 +357,25 @@ def test_ray_two_workers_give_the_local_values_on_the_tiny_lm(lm_task, ray_clust
         remote = ev(rows)
         assert ev.workers == 2 and ev.calls == len({tuple(r) for r in rows.tolist()})
     assert remote.tolist() == local.tolist()
+
+
+def test_ptq_session_shapley_on_a_worker_pool_equals_the_local_one(lm_task):
+    from smpq.transformer.mixed import MixedConfig
+    from smpq.transformer.run import PTQSession
+
+    task, _, _ = lm_task
+    cfg = MixedConfig(permutations=2, min_permutations=2, tolerance=None)
+    pools = []
+
+    def backend(t):
+        pools.append(FakePool(t, 2, kill={(0, 1)}))
+        return PoolEvaluator(pools[-1])
+
+    runs = {}
+    for label, scale in (("local", None), ("pool", backend)):
+        s = PTQSession(task.model, candidates=task.candidates, settings=task.settings,
+                       out=task.out, scale=scale).prepare()
+        result, game, cost = s.shapley(cfg)
+        runs[label] = (result.estimate.tolist(), game.memo, cost["forward_passes"])
+    assert runs["pool"] == runs["local"]
+    assert pools[0].closed and pools[0].builds == [2, 1] and sum(k for _, k in pools[0].log) > 0

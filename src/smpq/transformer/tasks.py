@@ -29,7 +29,7 @@ class SessionTask:
     model: str
     out: str | None = None
     backend: str = "rtn"
-    candidates: str = DEFAULT_CANDIDATES
+    candidates: str | list = DEFAULT_CANDIDATES
     settings: RunSettings = dataclasses.field(default_factory=RunSettings)
     split: str = "calib"
     threads: int = 1
