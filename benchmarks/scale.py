@@ -137,6 +137,9 @@ def measure(name: str, task, levels: int, units: int, workers: list[int], device
         out.append(row)
     base = {r["workers"]: r["evaluations_per_s"] for r in out if r["backend"] != "local"}
     for r in out:
+        # the share of wall time the workers spent computing: the backend's own overhead,
+        # apart from CPU contention (on a shared 2-core machine workers do not get a core each)
+        r["scheduling_efficiency"] = r["forward_s"] / r["workers"] / r["wall_s"]
         r["speedup_vs_local"] = r["evaluations_per_s"] / local_row["evaluations_per_s"]
         r["efficiency_vs_local"] = r["speedup_vs_local"] / r["workers"]
         if 1 in base and r["backend"] != "local":
@@ -196,11 +199,18 @@ SEVEN_B = {
     "mfu": 0.30,  # achieved fraction of peak for a batched 2k-token forward (assumed)
     "permutations": 8,  # the progressive game's min_permutations (antithetic, adaptive stop)
     "engine_evaluations_per_player": 1.0,
-    "engine_round_driver_s": 30.0,  # surrogate fit + top-K MILP per loop round (time limit)
+    "engine_round_driver_s": 60.0,  # surrogate fit + two top-K MILPs per round, each capped
+    # by EngineConfig.time_limit (30 s): the worst case
+}
+
+SCENARIOS = {  # overrides of SEVEN_B
+    "central": {},
+    "llama-2-7b fused groups": {"units": 128},  # 32 blocks x (qkv, o, gate+up, down)
+    "pessimistic": {"permutations": 32, "tokens_per_evaluation": 8192, "mfu": 0.15},
 }
 
 
-def model_7b(overhead_s: float, mfu: float | None = None) -> dict:
+def model_7b(overhead_s: float, **overrides: float) -> dict:
     """Wall time of a full allocation of a 7B LLM on 1, 8, 64 GPUs (assumptions in SEVEN_B).
 
     Forward time per evaluation = 2 x parameters x tokens / (peak x MFU). The progressive game
@@ -208,9 +218,7 @@ def model_7b(overhead_s: float, mfu: float | None = None) -> dict:
     are large; the engine's loop evaluates K = 8 x GPUs policies per round and pays the
     driver's fit + MILP each round. `overhead_s` is the measured per-batch overhead.
     """
-    a = dict(SEVEN_B)
-    if mfu is not None:
-        a["mfu"] = mfu
+    a = {**SEVEN_B, **overrides}
     t_eval = 2 * a["parameters"] * a["tokens_per_evaluation"] / (a["gpu_tflops"] * 1e12 * a["mfu"])
     players = a["units"] * (a["levels"] - 1)
     game_evals = a["permutations"] * players
@@ -238,19 +246,23 @@ def model_7b(overhead_s: float, mfu: float | None = None) -> dict:
 
 def markdown(result: dict) -> str:
     lines = [f"# Value evaluations across workers ({result['device']})", "",
-             f"{result['machine']}; torch threads per process: 1. Batches of random "
-             "policies/assignments, the same rows on every backend.", ""]
+             f"{result['machine']} (1-min load average {result['load_average_1min']:.1f}"
+             "); torch threads per process: 1. Batches of random policies/assignments, the same "
+             "rows on every backend. speed-up and efficiency are against the local backend; "
+             "busy share = forward seconds / workers / wall (the backend's own overhead, apart "
+             "from CPU contention).", ""]
     for t in result["tasks"]:
         lines += [f"## {t['task']}", "", "```", json.dumps(t["info"]), "```", "",
                   "| backend | workers | startup s | evals | evals/s | fwd s/eval | "
-                  "overhead s/batch | speed-up | efficiency | identical |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "overhead s/batch | speed-up | efficiency | busy share | identical |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in t["rows"]:
             lines.append(
                 f"| {r['backend']} | {r['workers']} | {r['startup_s']:.1f} | {r['evaluations']} "
                 f"| {r['evaluations_per_s']:.2f} | {r['forward_s_per_evaluation']:.4f} | "
                 f"{r['overhead_s_per_batch']:.3f} | {r['speedup_vs_local']:.2f} | "
-                f"{r['efficiency_vs_local']:.2f} | {r.get('identical_to_local', True)} |")
+                f"{r['efficiency_vs_local']:.2f} | {r['scheduling_efficiency']:.2f} | "
+                f"{r.get('identical_to_local', True)} |")
         lines.append("")
     if result.get("search"):
         s = result["search"]
@@ -266,6 +278,14 @@ def markdown(result: dict) -> str:
     for g, r in m["gpus"].items():
         lines.append(f"| {g} | {r['game_hours']:.2f} | {r['game_efficiency']:.2f} | "
                      f"{r['engine_hours']:.2f} ({r['engine_top_k']}) |")
+    lines += ["", "| scenario | players | s/eval | evaluations | 1 GPU h | 8 GPUs h | 64 GPUs h |"
+              " engine 8 GPUs h |", "|---|---|---|---|---|---|---|---|"]
+    for name, sc in result.get("model_7b_scenarios", {}).items():
+        g = sc["gpus"]
+        lines.append(f"| {name} | {sc['players']} | {sc['forward_s_per_evaluation']:.3f} | "
+                     f"{sc['game_evaluations']} | {g['1']['game_hours']:.2f} | "
+                     f"{g['8']['game_hours']:.2f} | {g['64']['game_hours']:.3f} | "
+                     f"{g['8']['engine_hours']:.2f} |")
     s = result["summary"]
     lines += ["", "## Summary", "", "```", json.dumps(s, indent=1), "```", ""]
     return "\n".join(lines)
@@ -278,12 +298,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workers", default="1,2", help="Ray pool sizes to time")
     ap.add_argument("--batches", type=int, default=3)
-    ap.add_argument("--batch-size", type=int, default=24)
+    ap.add_argument("--batch-size", type=int, default=48)
     ap.add_argument("--search-evaluations", type=int, default=60)
     ap.add_argument("--cache", type=Path, default=CACHE)
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--quick", action="store_true", help="small batches: a smoke run")
+    ap.add_argument("--remodel", action="store_true",
+                    help="only recompute the 7B model and summary from <out>.json")
     args = ap.parse_args(argv)
+    if args.remodel:
+        return finish(json.loads(args.out.with_suffix(".json").read_text()), args.out)
     torch.set_num_threads(1)
     workers = [int(w) for w in args.workers.split(",") if w]
     if args.quick:
@@ -306,34 +330,49 @@ def main(argv: list[str] | None = None) -> dict:
         t = measure(name, task, levels, units, workers, args.device, args.batches,
                     args.batch_size, seed=0)
         t["info"] = info
+        if "parameters" in info:  # forward FLOPs ~ 2 x parameters x tokens
+            fwd = t["rows"][0]["forward_s_per_evaluation"]
+            t["info"]["achieved_tflops_local"] = (2 * info["parameters"]
+                                                  * info["tokens_per_evaluation"] / fwd / 1e12)
         tasks.append(t)
         print(json.dumps(t["rows"], indent=1), file=sys.stderr)
         if parts is not None and workers and _has_ray() and args.device == "cpu":
             search = search_check(parts, max(workers), args.search_evaluations)
-    rays = [r for t in tasks for r in t["rows"] if r["backend"] != "local"]
-    overhead = max((r["overhead_s_per_batch"] for r in rays), default=0.0)
-    m7 = model_7b(overhead)
-    two = [r["efficiency_vs_local"] for r in rays if r["workers"] == 2]
-    summary = {
-        "identical_to_local": bool(all(t["identical_to_local"] for t in tasks)
-                                   and (search is None or search["identical_to_local"])),
-        "efficiency_2_workers": min(two) if two else None,
-        "modelled_7b_hours_8_gpus": m7["gpus"]["8"]["game_hours"],
-        "modelled_7b_engine_hours_8_gpus": m7["gpus"]["8"]["engine_hours"],
-        "ray": _has_ray(), "ray_start_s": ray_started,
-        "overhead_s_per_batch": overhead,
-    }
     result = {"device": args.device, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-              "torch": torch.__version__, "tasks": tasks, "search": search, "model_7b": m7,
-              "summary": summary}
+              "torch": torch.__version__, "tasks": tasks, "search": search,
+              "load_average_1min": os.getloadavg()[0], "ray": _has_ray(),
+              "ray_start_s": ray_started}
     if _has_ray() and workers:
         import ray
 
         result["ray_version"] = ray.__version__
         ray.shutdown()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
-    atomic_write_text(args.out.with_suffix(".md"), markdown(result))
+    return finish(result, args.out)
+
+
+def finish(result: dict, out: Path) -> dict:
+    """Add the 7B model and the summary to measured results; write <out>.json and .md."""
+    tasks, search = result["tasks"], result.get("search")
+    rays = [r for t in tasks for r in t["rows"] if r["backend"] != "local"]
+    overhead = max((r["overhead_s_per_batch"] for r in rays), default=0.0)
+    result["model_7b"] = m7 = model_7b(overhead)
+    result["model_7b_scenarios"] = {k: model_7b(overhead, **v) for k, v in SCENARIOS.items()}
+    two = [r["efficiency_vs_local"] for r in rays if r["workers"] == 2]
+    sched = [r["scheduling_efficiency"] for r in rays if r["workers"] == 2]
+    result["summary"] = summary = {
+        "identical_to_local": bool(all(t["identical_to_local"] for t in tasks)
+                                   and (search is None or search["identical_to_local"])),
+        "efficiency_2_workers": min(two) if two else None,
+        "scheduling_efficiency_2_workers": min(sched) if sched else None,
+        "load_average_1min": result["load_average_1min"],
+        "modelled_7b_hours_8_gpus": m7["gpus"]["8"]["game_hours"],
+        "modelled_7b_engine_hours_8_gpus": m7["gpus"]["8"]["engine_hours"],
+        "ray": result["ray"], "ray_start_s": result["ray_start_s"],
+        "overhead_s_per_batch": overhead,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
+    atomic_write_text(out.with_suffix(".md"), markdown(result))
     print(json.dumps(summary, indent=1))
     return result
 

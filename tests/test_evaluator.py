@@ -265,6 +265,30 @@ def test_a_pool_of_pickled_workers_gives_the_local_search(digits, tmp_path, meth
         assert _state(tmp_path / "pool") == _state(tmp_path / "local")
 
 
+class DriverKilled(Exception):
+    pass
+
+
+def test_a_search_killed_on_a_pool_resumes_locally_to_the_same_state(digits, tmp_path):
+    """The checkpoint does not depend on the backend: kill the driver mid-search on a pool,
+    resume on the local backend, and land on the uninterrupted run's policy and state."""
+    whole = _search(digits, tmp_path / "whole")
+
+    class Dying(PoolEvaluator):
+        def _run(self, rows):
+            if self.batches == 3:
+                raise DriverKilled
+            return super()._run(rows)
+
+    with pytest.raises(DriverKilled):
+        _search(digits, tmp_path / "cut", backend=lambda task: Dying(FakePool(task, 2)))
+    cut = json.loads((tmp_path / "cut" / "engine_state.json").read_text())
+    assert 0 < len(cut["values"]) < whole.evaluations
+    resumed = _search(digits, tmp_path / "cut", resume=True)
+    assert resumed.policy.layers == whole.policy.layers
+    assert _state(tmp_path / "cut") == _state(tmp_path / "whole")
+
+
 # -- Ray --------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

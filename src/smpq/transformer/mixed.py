@@ -270,6 +270,8 @@ def estimate_contributions(
     top, bottom = (game.n_levels - 1,) * game.n_groups, (0,) * game.n_groups
     span = abs(game.value(top) - game.value(bottom))
     engine = replace(config.shapley(span), tolerance=None)
+    if game.batch is not None:  # workers: send whole (antithetic) chains, not 64-mask slices
+        engine = replace(engine, batch_size=2 * (game.n_players + 1))
     tol = config.shapley(span).tolerance
 
     def remap(st: SamplerState) -> np.ndarray:
