@@ -47,9 +47,11 @@ def poly_one(row) -> float:  # the independent reference: one row, plain Python
 class Counting:
     def __init__(self):
         self.rows: list[tuple[int, ...]] = []
+        self.dtypes: list[np.dtype] = []
 
     def __call__(self, rows):
         self.rows += [tuple(int(x) for x in r) for r in rows]
+        self.dtypes.append(rows.dtype)
         return poly(rows)
 
 
@@ -70,6 +72,7 @@ def test_local_memoises_by_row_and_counts_only_new_rows():
     ev(np.array([[True, False, False]]))  # boolean coalitions key like 0/1 rows
     ev(np.array([[1, 0, 0]]))
     assert ev.calls == 5 and ev.forward_seconds >= 0
+    assert fn.dtypes[-1] == np.dtype(bool) and fn.dtypes[0] == np.dtype(np.int64)  # as masks
 
 
 def test_local_builds_a_task_once_and_rejects_bad_input():
@@ -403,3 +406,25 @@ def test_ptq_session_shapley_on_a_worker_pool_equals_the_local_one(lm_task):
         runs[label] = (result.estimate.tolist(), game.memo, cost["forward_passes"])
     assert runs["pool"] == runs["local"]
     assert pools[0].closed and pools[0].builds == [2, 1] and sum(k for _, k in pools[0].log) > 0
+
+
+def test_the_evaluator_is_core_it_imports_no_model_family():
+    """smpq.evaluator sits in the core: numpy, the standard library, smpq.errors (and ray,
+    lazily); a worker's model code comes in through the task it unpickles."""
+    import ast
+    from pathlib import Path
+
+    import smpq.evaluator
+
+    found = set()
+    for path in Path(smpq.evaluator.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                top = node.module.split(".")[0]
+                found.add(node.module if top == "smpq" else top)
+    smpq_deps = {m for m in found if m.startswith("smpq")}
+    assert smpq_deps <= {"smpq.errors", "smpq.evaluator", "smpq.evaluator.base",
+                         "smpq.evaluator.raypool"}
+    assert "smpq.errors" in smpq_deps and "torch" not in found and "ray" in found

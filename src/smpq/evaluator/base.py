@@ -1,29 +1,9 @@
-"""Value evaluations, one process or many: submit a batch of policies, get their values back.
-
-Every allocation method spends its time in value evaluations (one forward pass over a value
-split per policy or coalition). Strategies hand batches of rows (ints or bools: a policy's
-choice per unit, a coalition's mask) to an `Evaluator`; it memoises values by row, counts the
-rows it really evaluated and the seconds spent inside the value function, and reports progress.
-What a value is comes from a picklable *task* (`ValueTask`): `task.build(device)` returns the
-value function, so each worker builds it once (loads the model, the candidate cache) and then
-only evaluates.
-
-| backend          | where values are computed                         | needs            |
-|------------------|---------------------------------------------------|------------------|
-| `LocalEvaluator` | this process (the default, today's behaviour)     | nothing          |
-| `PoolEvaluator`  | a `WorkerPool`: chunks of a batch, one per worker | a pool           |
-| `RayEvaluator`   | Ray actors (`workers=N` local cluster, `address`) | `smpq[ray]`      |
-
-Results do not depend on the backend: the driver draws everything random, workers only
-evaluate rows, and values are reassembled in submission order. A worker lost mid-batch is
-replaced and its chunk re-run (`max_retries` times per chunk).
-"""
+"""The evaluator interface, its memo and counts, the local backend, and pools of workers."""
 
 from __future__ import annotations
 
 import logging
 import math
-import socket
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
@@ -41,12 +21,10 @@ __all__ = [
     "FunctionTask",
     "LocalEvaluator",
     "PoolEvaluator",
-    "RayEvaluator",
     "ValueFn",
     "ValueTask",
     "WorkerLost",
     "WorkerPool",
-    "check_address",
     "make_evaluator",
 ]
 
@@ -111,7 +89,8 @@ class Evaluator:
             if k not in self.memo:
                 missing.setdefault(k)
         if missing:
-            todo = np.array(list(missing), dtype=np.int64).reshape(len(missing), arr.shape[1])
+            kind = bool if arr.dtype == bool else np.int64  # coalitions stay boolean masks
+            todo = np.array(list(missing), dtype=kind).reshape(len(missing), arr.shape[1])
             start = time.perf_counter()
             values, seconds = self._run(todo)
             values = np.asarray(values, dtype=float).reshape(-1)
@@ -254,153 +233,6 @@ class PoolEvaluator(Evaluator):
         self.pool.close()
 
 
-# -- Ray ----------------------------------------------------------------------------------
-
-def _ray():
-    try:
-        import ray
-    except ImportError:
-        raise SmpqError("the ray backend needs Ray: pip install 'smpq[ray]'") from None
-    return ray
-
-
-def check_address(address: str, timeout: float = 5.0) -> None:
-    """Fail fast (one line) when nothing listens at a host:port Ray address."""
-    if address in ("auto", "local"):
-        return
-    hostport = address.split("://", 1)[-1].rstrip("/")
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise SmpqError(f"a Ray address looks like HOST:PORT or ray://HOST:PORT, got {address!r}")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
-    except OSError as exc:
-        raise SmpqError(f"no Ray cluster answers at {address}: {exc.strerror or exc}") from None
-
-
-def _connect(ray, address: str | None, workers: int | None) -> bool:
-    """Start a local cluster (`workers` CPUs) or join `address`; True when we started Ray."""
-    if ray.is_initialized():
-        return False
-    if address is not None:
-        check_address(address)
-        try:
-            ray.init(address=address, log_to_driver=False, include_dashboard=False)
-        except Exception as exc:  # ray raises ConnectionError, RuntimeError, ...
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise SmpqError(f"cannot join the Ray cluster at {address}: {first}") from None
-    else:
-        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
-    return True
-
-
-class _RayPool:
-    """Ray actors, one per slot, each holding the built value function."""
-
-    def __init__(self, task: ValueTask, workers: int | None, devices: Sequence[str],
-                 address: str | None, actor_options: dict | None = None):
-        ray = _ray()
-        self.ray = ray
-        self.owns = _connect(ray, address, workers)
-        if workers is None:  # joined a cluster without a count: one worker per CPU (GPU) there
-            key = "GPU" if devices[0].startswith("cuda") else "CPU"
-            workers = max(1, int(ray.cluster_resources().get(key, 1)))
-        self.size = workers
-        self.devices = [devices[i % len(devices)] for i in range(workers)]
-        self.task_ref = ray.put(task)
-        self.actor_cls = ray.remote(_Actor)
-        self.options = actor_options or {}
-        try:
-            self.actors = [self._start(i) for i in range(workers)]
-            ray.get([a.ready.remote() for a in self.actors])  # every worker built the task
-        except Exception:
-            self.actors = getattr(self, "actors", [])
-            self.close()
-            raise
-
-    def _start(self, slot: int):
-        device = self.devices[slot]
-        opts = {"num_cpus": 1, "max_restarts": 0, **self.options}
-        if device.startswith("cuda"):
-            opts.setdefault("num_gpus", 1)
-            device = "cuda"  # Ray hands each actor its own GPU, visible as cuda:0
-        return self.actor_cls.options(**opts).remote(self.task_ref, device)
-
-    def submit(self, slot: int, rows: np.ndarray):
-        return self.actors[slot].evaluate.remote(rows)
-
-    def wait(self, handles):
-        ready, _ = self.ray.wait(list(handles), num_returns=1)
-        ref = ready[0]
-        try:
-            return ref, self.ray.get(ref)
-        except self.ray.exceptions.RayActorError:
-            raise WorkerLost(ref) from None
-        except self.ray.exceptions.RayTaskError as exc:
-            cause = exc.as_instanceof_cause()
-            raise cause from None
-
-    def replace(self, slot: int) -> None:
-        try:
-            self.ray.kill(self.actors[slot])
-        except Exception:  # already gone
-            pass
-        self.actors[slot] = self._start(slot)
-
-    def pid(self, slot: int) -> int:
-        """The process id of a worker (tests kill it to check recovery)."""
-        return int(self.ray.get(self.actors[slot].pid.remote()))
-
-    def close(self) -> None:
-        for a in self.actors:
-            try:
-                self.ray.kill(a)
-            except Exception:
-                pass
-        self.actors = []
-        if self.owns and self.ray.is_initialized():
-            self.ray.shutdown()
-
-
-class _Actor:
-    """A Ray worker: builds the task once, then evaluates chunks."""
-
-    def __init__(self, task: ValueTask, device: str):
-        self.fn = task.build(device)
-
-    def ready(self) -> bool:
-        return True
-
-    def pid(self) -> int:
-        import os
-
-        return os.getpid()
-
-    def evaluate(self, rows: np.ndarray) -> tuple[np.ndarray, float]:
-        start = time.perf_counter()
-        values = np.asarray(self.fn(rows), dtype=float)
-        return values, time.perf_counter() - start
-
-
-class RayEvaluator(PoolEvaluator):
-    """Ray actors that build `task` once each; `workers` of them (one CPU each, or one GPU
-    each for a `cuda` device). `address=None` starts a local cluster of `workers` CPUs (unless
-    Ray is already initialised), else joins the cluster there."""
-
-    def __init__(self, task: ValueTask, *, workers: int | None = 2,
-                 address: str | None = None, device: str | Sequence[str] = "cpu",
-                 progress: Progress | None = None, actor_options: dict | None = None,
-                 **kwargs: Any):
-        if workers is None and address is None:
-            raise SmpqError("a local Ray cluster needs a number of workers")
-        if workers is not None and workers < 1:
-            raise SmpqError(f"workers must be >= 1, got {workers}")
-        devices = [device] if isinstance(device, str) else list(device)
-        super().__init__(_RayPool(task, workers, devices, address, actor_options),
-                         progress=progress, **kwargs)
-
-
 # -- configuration ------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -438,5 +270,7 @@ def make_evaluator(task: ValueTask, config: EvaluatorConfig | None = None, *,
             return LocalEvaluator(fn=local_fn, progress=progress)
         return LocalEvaluator(task, device=cfg.device, progress=progress)
     workers = cfg.workers or None  # joining a cluster without a count: all of it
+    from smpq.evaluator.raypool import RayEvaluator
+
     return RayEvaluator(task, workers=workers, address=cfg.address, device=cfg.device,
                         progress=progress, **cfg.options)
