@@ -38,7 +38,7 @@ CkptOpt = typer.Option(None, help="Checkpoint folder from `smpq train` (default:
 CacheOpt = typer.Option(DEFAULT_CACHE, help="Cache folder for trained float models.")
 SeedOpt = typer.Option(0, help="Random seed.")
 WorkersOpt = typer.Option(0, min=0, help="Value evaluations on a local Ray cluster of N worker "
-                          "processes (pip install 'smpq[ray]'); 0 = in this process.")
+                          "processes (needs the ray extra); 0 = in this process.")
 RayAddressOpt = typer.Option(None, help="Value evaluations on the Ray cluster at HOST:PORT.")
 DeviceOpt = typer.Option("cpu", help="Device of value evaluations (each worker's): cpu, cuda, "
                          "cuda:K.")
