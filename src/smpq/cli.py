@@ -43,6 +43,11 @@ ModelOpt = typer.Option("small_resnet", help="Model: mlp, small_resnet, resnet20
 CkptOpt = typer.Option(None, help="Checkpoint folder from `smpq train` (default: cached model).")
 CacheOpt = typer.Option(DEFAULT_CACHE, help="Cache folder for trained float models.")
 SeedOpt = typer.Option(0, help="Random seed.")
+WorkersOpt = typer.Option(0, min=0, help="Value evaluations on a local Ray cluster of N worker "
+                          "processes (needs the ray extra); 0 = in this process.")
+RayAddressOpt = typer.Option(None, help="Value evaluations on the Ray cluster at HOST:PORT.")
+DeviceOpt = typer.Option("cpu", help="Device of value evaluations (each worker's): cpu, cuda, "
+                         "cuda:K.")
 
 
 @app.callback()
@@ -277,6 +282,27 @@ def _search_config(method, epochs, permutations, truncation, antithetic, value, 
                         seed=seed, val_samples=val_samples)
 
 
+def _backend(workers: int, ray_address: str | None, device: str) -> dict:
+    """Strategy options for where values are computed; checked before any work (a Ray
+    address that does not answer is a one-line error)."""
+    from smpq.evaluator import EvaluatorConfig, check_address
+
+    cfg = EvaluatorConfig(workers=workers, address=ray_address, device=device)
+    if ray_address is not None:
+        check_address(ray_address)
+    if cfg.backend == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise SmpqError("--workers/--ray-address need Ray: pip install 'smpq[ray]'") from None
+    if cfg == EvaluatorConfig():
+        return {}
+    where = ray_address or f"a local Ray cluster of {workers} workers"
+    console.print(f"value evaluations: {where if cfg.backend == 'ray' else 'here'} "
+                  f"on {device}")
+    return {"backend": cfg}
+
+
 @app.command()
 def search(
     method: str = typer.Option(
@@ -307,6 +333,7 @@ def search(
     compare: bool = typer.Option(True, help="Also report the best uniform policy."),
     resume: bool = typer.Option(False, help="Continue a killed run from out/checkpoint."),
     seed: int = SeedOpt,
+    workers: int = WorkersOpt, ray_address: str = RayAddressOpt, device: str = DeviceOpt,
 ) -> None:
     """Search a mixed-precision policy under a budget, finetune, report."""
     from smpq import strategy
@@ -321,11 +348,15 @@ def search(
     if evaluations < 1:
         raise SmpqError(f"--evaluations must be at least 1, got {evaluations}")
     supernet = method in SUPERNET
+    scale = _backend(workers, ray_address, device)
+    if scale and supernet:
+        raise SmpqError(f"{method} trains its supernet in this process; --workers, "
+                        "--ray-address and --device apply to policy-scoring methods")
     cfg = _search_config(method if supernet else "smpq", epochs, permutations, truncation,
                          antithetic, (value or "acc") if supernet else "acc", derive,
                          renormalise, w_bits, a_bits, seed)
     options = {} if supernet else {"n_evaluations": evaluations, "top_k": top_k,
-                                   "metric": value or "neg_kl"}
+                                   "metric": value or "neg_kl", **scale}
     bud = Budget.parse(budget)
     engine_ckpt = out / "engine_state.json"
     with _claim(out, keep=("checkpoint", "engine_state.json")) as stage:
@@ -378,6 +409,7 @@ def compare(
     a_bits: str = typer.Option("2,3,4,8", help="Activation bit candidates."),
     pin: bool = typer.Option(True, help="Keep first and last layer at 8/8."),
     seed: int = SeedOpt,
+    workers: int = WorkersOpt, ray_address: str = RayAddressOpt, device: str = DeviceOpt,
 ) -> None:
     """Every allocation method side by side on your model and data at one budget."""
     from smpq.cnn.pipeline import default_pinned
@@ -390,6 +422,7 @@ def compare(
     unknown = [m for m in wanted if m not in known]
     if unknown or not wanted:
         raise SmpqError(f"unknown method(s) {unknown}; known: {', '.join(known)}")
+    scale = _backend(workers, ray_address, device)
     cfg = _search_config("smpq", epochs, 10, 0.5, False, "acc", "milp", False, w_bits, a_bits,
                          seed)
     bud = Budget.parse(budget)
@@ -399,7 +432,8 @@ def compare(
         mc = trace_costs(net, splits.val[0][0][None])
         fixed = default_pinned(mc.names) if pin else {}
         rows = run_compare(wanted, net, splits, mc, bud, fixed, cfg, out=stage,
-                           finetune_epochs=finetune_epochs, seed=seed, progress=progress_bar)
+                           finetune_epochs=finetune_epochs, seed=seed, progress=progress_bar,
+                           options=scale)
     console.print(_table(f"methods at {bud}", rows, ROW_COLS))
     console.print(f"wrote {out}/compare.json, compare.md, compare.png and policies/")
 

@@ -238,8 +238,10 @@ def derive_from_run(run_dir: Path, budget: Budget, out: Path) -> tuple[Policy, l
 def run_compare(methods: Sequence[str], net: nn.Module, splits: Splits, mc: ModelCost,
                 budget: Budget, fixed: Fixed, cfg: SearchConfig, *, out: Path,
                 finetune_epochs: int = 3, seed: int = 0,
-                progress: ProgressFactory = no_progress) -> list[dict]:
-    """Every method at one budget, finetuned alike; writes policies/, compare.json/.md/.png."""
+                progress: ProgressFactory = no_progress,
+                options: Mapping[str, Any] | None = None) -> list[dict]:
+    """Every method at one budget, finetuned alike; writes policies/, compare.json/.md/.png.
+    `options` reach every method (e.g. `backend`, where value evaluations run)."""
     from smpq.report import plot_tradeoff
 
     rows, evals = [], 100
@@ -250,6 +252,7 @@ def run_compare(methods: Sequence[str], net: nn.Module, splits: Splits, mc: Mode
     for method in sorted(methods, key=lambda m: m != lead):
         with progress(method, 1) as bar:
             opts = {**extra, "n_evaluations": evals} if method == "random" else {}
+            opts = {**(options or {}), **opts}
             res, _ = run_method(method, net, splits, mc, budget, fixed, cfg, **opts)
             bar(1, 1)
         if method == lead:

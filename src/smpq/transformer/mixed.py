@@ -104,11 +104,14 @@ class ProgressiveGame:
     the max rule, and it makes every removal a one-step downgrade. ladder=False: max rule."""
 
     def __init__(self, n_groups: int, n_levels: int,
-                 evaluate: Callable[[tuple[int, ...]], float], ladder: bool = True) -> None:
+                 evaluate: Callable[[tuple[int, ...]], float], ladder: bool = True,
+                 batch: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         if n_groups < 1 or n_levels < 2:
             raise SmpqError("a progressive game needs >= 1 group and >= 2 candidate formats")
         self.n_groups, self.n_levels, self.evaluate = n_groups, n_levels, evaluate
         self.ladder = ladder
+        self.batch = batch  # rows of levels -> values (an smpq.evaluator.Evaluator): the
+        # assignments a call still needs go there together, e.g. to Ray workers
         self.players = [(g, k) for g in range(n_groups) for k in range(1, n_levels)]
         self._group = np.array([g for g, _ in self.players])
         self._level = np.array([k for _, k in self.players])
@@ -134,7 +137,14 @@ class ProgressiveGame:
         return self.memo[key]
 
     def __call__(self, masks: np.ndarray) -> np.ndarray:
-        return np.array([self.value(self.levels(np.asarray(m, dtype=bool))) for m in masks])
+        keys = [self.levels(np.asarray(m, dtype=bool)) for m in masks]
+        if self.batch is not None:
+            missing = list(dict.fromkeys(k for k in keys if k not in self.memo))
+            if missing:
+                values = self.batch(np.array(missing, dtype=np.int64))
+                self.memo.update(zip(missing, (float(v) for v in values), strict=True))
+                self.forward_passes += len(missing)
+        return np.array([self.value(k) for k in keys])
 
     def memo_to_dict(self) -> dict[str, float]:
         return {",".join(map(str, k)): v for k, v in self.memo.items()}
@@ -260,6 +270,8 @@ def estimate_contributions(
     top, bottom = (game.n_levels - 1,) * game.n_groups, (0,) * game.n_groups
     span = abs(game.value(top) - game.value(bottom))
     engine = replace(config.shapley(span), tolerance=None)
+    if game.batch is not None:  # workers: send whole (antithetic) chains, not 64-mask slices
+        engine = replace(engine, batch_size=2 * (game.n_players + 1))
     tol = config.shapley(span).tolerance
 
     def remap(st: SamplerState) -> np.ndarray:

@@ -158,7 +158,7 @@ class PTQSession:
     def __init__(self, model: str, backend: str = "rtn",
                  candidates: str | list = DEFAULT_CANDIDATES,
                  settings: RunSettings = RunSettings(), out: str | Path | None = None,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, scale: Any = None) -> None:
         from smpq.backends import BACKENDS
         from smpq.transformer.models import arch_of, share_groups
 
@@ -167,6 +167,9 @@ class PTQSession:
         self.settings, self.backend, self.out = settings, backend, Path(out) if out else None
         self.progress = progress or (lambda stage, done, total: None)
         self.specs = parse_candidates(candidates)
+        # where the Shapley game's values run: None (here), an smpq.evaluator.EvaluatorConfig,
+        # or a callable SessionTask -> Evaluator
+        self.scale, self._candidate_arg = scale, candidates
         self.progress("load", 0, 1)
         self.model, self.tokenizer, self.kind = _load(model, settings.cache_dir)
         self.model_name, self.arch = model, arch_of(self.model)
@@ -268,7 +271,21 @@ class PTQSession:
                               for n in g})
             return self.value("calib")
 
-        return ProgressiveGame(len(self.groups), len(self.specs), evaluate, ladder)
+        return ProgressiveGame(len(self.groups), len(self.specs), evaluate, ladder,
+                               batch=self._batch_evaluator())
+
+    def _batch_evaluator(self) -> Any:
+        """The evaluator `scale` asks for (None: the game evaluates here, one by one)."""
+        from smpq.evaluator import EvaluatorConfig, make_evaluator
+        from smpq.transformer.tasks import SessionTask
+
+        if self.scale is None or self.scale == EvaluatorConfig():
+            return None
+        task = SessionTask(self.model_name, str(self.out) if self.out else None, self.backend,
+                           self._candidate_arg, self.settings, "calib", torch.get_num_threads())
+        if isinstance(self.scale, EvaluatorConfig):
+            return make_evaluator(task, self.scale)
+        return self.scale(task)
 
     def fingerprint(self) -> dict[str, Any]:
         return {"model": self.model_name, "weights": _digest(*[m.weight for m in
@@ -287,6 +304,8 @@ class PTQSession:
                                             progress=self.progress)
         finally:
             self.swapper.restore()
+            if game.batch is not None:
+                game.batch.close()
         cost = {"seconds": time.perf_counter() - start, "forward_passes": game.forward_passes,
                 "backward_passes": 0, "mask_evaluations": result.evaluations,
                 "permutations": result.permutations, "stop_reason": result.stop_reason}

@@ -44,6 +44,7 @@ from smpq.cnn.search.interactions import InteractionReport, interaction_analysis
 from smpq.cnn.search.oracle import MAX_ORACLE_POLICIES, PolicyTable, oracle, random_search
 from smpq.cnn.search.sensitivity import Sensitivity, greedy, oat_sensitivity, one_at_a_time
 from smpq.cnn.search.supernet_search import METHODS, SearchConfig, search
+from smpq.cnn.search.tasks import evaluator_config
 from smpq.cost import Budget, ModelCost, format_metric
 from smpq.errors import SmpqError
 from smpq.policy import Policy
@@ -187,7 +188,8 @@ def greedy_strategy(p: SearchProblem) -> StrategyResult:
 @register("random", kind="cnn")
 def random_strategy(p: SearchProblem) -> StrategyResult:
     return random_search(*_args(p), n_evaluations=int(p.options.get("n_evaluations", 100)),
-                         metric=p.options.get("metric", "acc"), **_eval_kw(p))
+                         metric=p.options.get("metric", "acc"),
+                         backend=evaluator_config(p.options), **_eval_kw(p))
 
 
 def _supernet(method: str) -> Callable[[SearchProblem], StrategyResult]:
@@ -214,4 +216,4 @@ del _method
 def oracle_strategy(p: SearchProblem) -> StrategyResult:
     return oracle(*_args(p), max_policies=int(p.options.get("max_policies",
                                                             MAX_ORACLE_POLICIES)),
-                  **_eval_kw(p))
+                  backend=evaluator_config(p.options), **_eval_kw(p))

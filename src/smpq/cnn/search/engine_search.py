@@ -11,7 +11,8 @@ allocations until the evaluation budget is spent.
 Options (SearchProblem.options): n_evaluations (default 300), top_k (4), metric ("neg_kl",
 "neg_loss" or "acc"), screen_fraction, patience, val_samples, evaluator (a shared
 PolicyEvaluator), out (checkpoint folder) and resume, progress (called with (done, planned,
-best value)).
+best value)); workers / ray_address / device, or backend (an EvaluatorConfig), choose
+where values are computed (`smpq.evaluator`; the same values on every backend).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 
 from smpq.cnn.search.harness import CostTables, SearchSpace
 from smpq.cnn.search.oracle import _setup
+from smpq.cnn.search.tasks import policy_evaluator, track
 from smpq.engine.loop import EngineConfig, run_engine
 from smpq.engine.space import PolicySpace
 from smpq.errors import SmpqError
@@ -85,9 +87,12 @@ def shapley_loop(p: SearchProblem) -> StrategyResult:
     ckpt = Path(out) / "engine_state.json" if out is not None else None
     if ckpt is not None:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
-    res = run_engine(pspace, lambda c: _engine_value(ev.values(c, metric), metric), cfg,
-                     checkpoint=ckpt,
-                     resume=bool(o.get("resume", False)), progress=o.get("progress"))
+    with policy_evaluator(ev, p.model, p.train, p.val, metric, o, o.get("val_samples"),
+                          p.seed) as evaluate:
+        track(meter, evaluate)
+        res = run_engine(pspace, lambda c: _engine_value(evaluate(c), metric), cfg,
+                         checkpoint=ckpt,
+                         resume=bool(o.get("resume", False)), progress=o.get("progress"))
     policy = space.policy(res.choice, meta={"method": NAME, "budget": str(p.budget),
                                             "metric": metric, "seed": p.seed})
     info = {"metric": metric, "best_value": res.value, "engine": asdict(cfg),

@@ -24,8 +24,10 @@ from smpq import alloc
 from smpq.alloc.problem import tolerance
 from smpq.cnn.search.common import StrategyResult
 from smpq.cnn.search.harness import CostTables, Meter, PolicyEvaluator, SearchSpace, cost_tables
+from smpq.cnn.search.tasks import Backend, policy_evaluator, track
 from smpq.cost import Budget, ModelCost
 from smpq.errors import SmpqError
+from smpq.evaluator import EvaluatorConfig
 from smpq.spec import LayerChoice, QuantSpec
 
 __all__ = ["MAX_ENUMERATE", "MAX_ORACLE_POLICIES", "PolicyTable", "enumerate_feasible",
@@ -128,6 +130,14 @@ def _setup(model, cost, budget, train_set, val_set, w_specs, a_specs, fixed, val
     return space, tables, meter, ev
 
 
+def _evaluator(ev, model, train_set, val_set, metric, backend, val_samples, seed, meter):
+    """The batch evaluator of `backend` (local: the driver's `ev` itself), counted by meter."""
+    evaluate = policy_evaluator(ev, model, train_set, val_set, metric,
+                                {"backend": backend or EvaluatorConfig()}, val_samples, seed)
+    track(meter, evaluate)
+    return evaluate
+
+
 def random_search(
     model: nn.Module,
     cost: ModelCost,
@@ -143,10 +153,12 @@ def random_search(
     val_samples: int | None = None,
     seed: int = 0,
     evaluator: PolicyEvaluator | None = None,
+    backend: EvaluatorConfig | Backend | None = None,
 ) -> StrategyResult:
     """Best of `n_evaluations` distinct uniformly drawn feasible policies, on validation.
 
     Fewer are scored when the feasible set is smaller (drawing stops after 50 x n draws).
+    Each draw's new policies are scored as one batch on `backend` (`smpq.evaluator`).
     """
     if n_evaluations < 1:
         raise SmpqError(f"n_evaluations must be >= 1, got {n_evaluations}")
@@ -155,14 +167,19 @@ def random_search(
     rng = np.random.default_rng(seed)
     seen: dict[tuple[int, ...], float] = {}
     draws = 0
-    while len(seen) < n_evaluations and draws < 50 * n_evaluations:
-        batch = sample_feasible(tables, min(n_evaluations, 256), rng)
-        for c in map(tuple, batch.tolist()):
-            draws += 1
-            if c not in seen:
-                seen[c] = ev.value(c, metric)
-            if len(seen) >= n_evaluations:
-                break
+    with _evaluator(ev, model, train_set, val_set, metric, backend, val_samples, seed,
+                    meter) as evaluate:
+        while len(seen) < n_evaluations and draws < 50 * n_evaluations:
+            batch = sample_feasible(tables, min(n_evaluations, 256), rng)
+            fresh: dict[tuple[int, ...], None] = {}
+            for c in map(tuple, batch.tolist()):
+                draws += 1
+                if c not in seen:
+                    fresh.setdefault(c)
+                if len(seen) + len(fresh) >= n_evaluations:
+                    break
+            if fresh:
+                seen.update(zip(fresh, evaluate(np.array(list(fresh))).tolist(), strict=True))
     best = max(seen, key=seen.__getitem__)
     info = {"scored": len(seen), "draws": draws, "best_value": seen[best], "metric": metric}
     return meter.result("random", space.policy(best), info)
@@ -183,6 +200,7 @@ def oracle(
     val_samples: int | None = None,
     seed: int = 0,
     evaluator: PolicyEvaluator | None = None,
+    backend: EvaluatorConfig | Backend | None = None,
 ) -> StrategyResult:
     """Score every feasible policy (`budget=None`: every policy); refuse large spaces.
 
@@ -192,7 +210,9 @@ def oracle(
     space, tables, meter, ev = _setup(model, cost, budget, train_set, val_set, w_specs,
                                       a_specs, fixed, val_samples, seed, evaluator)
     choices = enumerate_feasible(tables, max_policies)
-    values = ev.values(choices, metric)
+    with _evaluator(ev, model, train_set, val_set, metric, backend, val_samples, seed,
+                    meter) as evaluate:
+        values = evaluate(choices)
     table = PolicyTable(space.names, _labels(space), choices, values,
                         tables.totals(choices), metric)
     row = table.best()
