@@ -60,11 +60,12 @@ from smpq.transformer.scores import (
     lm_loss,
 )
 
-__all__ = ["ALL_METHODS", "PTQSession", "RunSettings", "ptq_command", "run_ptq"]
+__all__ = ["ALL_METHODS", "DEFAULT_METHOD", "PTQSession", "RunSettings", "ptq_command", "run_ptq"]
 
 log = logging.getLogger(__name__)
 
 ALL_METHODS = strategy.names("transformer")  # registered in smpq.transformer.strategies
+DEFAULT_METHOD = "shapley-loop"  # smpq.transformer.engine_strategy, registered first
 STATS_BACKENDS = ("gptq", "awq_rtn", "awq_gptq")
 Progress = Callable[[str, int, int], None]
 
@@ -389,12 +390,15 @@ def _write_model(session: PTQSession, out: Path, policy: Any) -> str | None:
     return note
 
 
-def run_ptq(model: str, budget: str | Budget, backend: str = "rtn", method: str = "shapley",
-            out: str | Path = "runs/ptq", candidates: str | list = DEFAULT_CANDIDATES,
-            seed: int = 0, resume: bool = False, progress: Progress | None = None,
-            settings: RunSettings = RunSettings()) -> dict:
+def run_ptq(model: str, budget: str | Budget, backend: str = "rtn",
+            method: str = DEFAULT_METHOD, out: str | Path = "runs/ptq",
+            candidates: str | list = DEFAULT_CANDIDATES, seed: int = 0, resume: bool = False,
+            progress: Progress | None = None, settings: RunSettings = RunSettings(),
+            options: Mapping[str, Any] | None = None) -> dict:
     """Allocate formats for `model` ("tiny-lm", "minilm" or a local HF folder) under
-    `budget` (e.g. "avg_bits=3.5"), evaluate, write the files; returns the summary."""
+    `budget` (e.g. "avg_bits=3.5"), evaluate, write the files; returns the summary.
+
+    `options`: extra strategy options (shapley-loop: n_evaluations, top_k, priors)."""
     find = strategy.get(method, "transformer")
     budget = Budget.parse(budget) if isinstance(budget, str) else budget
     config = replace(settings.shapley, seed=seed)
@@ -406,8 +410,8 @@ def run_ptq(model: str, budget: str | Budget, backend: str = "rtn", method: str 
     session.prepare()
     session.progress("score", 0, 1)
     found = find(SearchProblem(session, session.cost, budget, session.specs, seed=seed, options={
-        "config": config, "state_path": out / "shapley_state.json", "resume": resume,
-        "resolved": resolved}))
+        **dict(options or {}), "config": config, "state_path": out / "shapley_state.json",
+        "resume": resume, "resolved": resolved, "out": out}))
     d = found.detail
     alloc, choice, scores, result, errors, score_cost = (
         d.allocation, d.choice, d.scores, d.shapley, d.errors, d.cost)
@@ -418,6 +422,8 @@ def run_ptq(model: str, budget: str | Budget, backend: str = "rtn", method: str 
     out.mkdir(parents=True, exist_ok=True)
     note = _write_model(session, out, policy)
     contrib = _contributions(session, choice, scores, result, errors)
+    if "engine" in found.info:
+        contrib["engine"] = found.info["engine"]
     atomic_write_text(out / "contributions.json", json.dumps(contrib, indent=1) + "\n")
     summary = {
         "model": model, "kind": session.kind, "method": method, "backend": backend,
@@ -438,7 +444,7 @@ def run_ptq(model: str, budget: str | Budget, backend: str = "rtn", method: str 
 
 
 def ptq_command(model: str = "tiny-lm", budget: str = "avg_bits=3", backend: str = "rtn",
-                method: str = "shapley", out: str = "runs/ptq", resume: bool = False,
+                method: str = DEFAULT_METHOD, out: str = "runs/ptq", resume: bool = False,
                 seed: int = 0, candidates: str = DEFAULT_CANDIDATES) -> str:
     """`smpq ptq`: run_ptq with plain arguments; returns a short report for the terminal."""
     s = run_ptq(model, budget, backend, method, out, candidates, seed, resume)
