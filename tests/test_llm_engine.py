@@ -180,3 +180,17 @@ def test_run_ptq_defaults_to_it(session, tmp_path):
     assert (tmp_path / "engine_state.json").is_file()
     contrib = json.loads((tmp_path / "contributions.json").read_text())
     assert contrib["engine"]["evaluations"] <= 10 and "value_curve" in contrib["engine"]
+
+
+def test_value_on_the_validation_split(session, tmp_path):
+    res = _run(session, out=tmp_path, value_split="val")
+    assert (tmp_path / "engine_state_val.json").is_file()
+    assert not (tmp_path / "engine_state.json").exists()
+    keys = session.candidates.keys
+    with session.swapper.applied({n: keys[k] for g, k in
+                                  zip(session.groups, res.detail.choice, strict=True)
+                                  for n in g}):
+        kl = kl_to_float(session.model, session.refs["val"])
+    assert res.info["engine"]["best_value"] == pytest.approx(-math.log(kl + 1e-9), rel=1e-9)
+    with pytest.raises(SmpqError, match="value split"):
+        _run(session, value_split="test")

@@ -13,7 +13,9 @@ the trust region of the loop starts around the best of them. Their scoring time 
 the reported cost.
 
 Options (SearchProblem.options): n_evaluations (default DEFAULT_EVALUATIONS), top_k (4),
-priors (names of registered transformer strategies), screen_fraction (0.3), patience (8),
+priors (names of registered transformer strategies), value_split ("calib", the default, or
+"val": the validation split, held out from what the priors' scores saw), screen_fraction
+(0.3), patience (8),
 resolved (the session's ResolvedBudget), out (folder for engine_state.json) and resume,
 progress (called with (done, planned, best engine value)). `result.detail` is an `Allocated`
 whose scores are the surrogate's ladder Shapley values summed up each ladder;
@@ -36,14 +38,15 @@ from smpq.engine.space import PolicySpace
 from smpq.errors import SmpqError
 from smpq.strategy import SearchProblem, StrategyResult, register
 
-__all__ = ["DEFAULT_EVALUATIONS", "DEFAULT_PRIORS", "NAME", "ladder_order", "policy_space",
-           "shapley_loop"]
+__all__ = ["DEFAULT_EVALUATIONS", "DEFAULT_PRIORS", "NAME", "VALUE_SPLITS", "ladder_order",
+           "policy_space", "shapley_loop"]
 
 NAME = "shapley-loop"
 # ~24 s per evaluation on SmolLM2-135M with 16 x 128 calibration tokens on a loaded 2-core
 # machine: 24 evaluations (priors included) is ~10 minutes there, seconds on small models.
 DEFAULT_EVALUATIONS = 24
 DEFAULT_PRIORS = ("fisher", "uniform")
+VALUE_SPLITS = ("calib", "val")  # the calibration blocks (default) or the validation split
 
 
 def ladder_order(costs: dict[str, list[np.ndarray]]) -> np.ndarray:
@@ -89,8 +92,8 @@ def _priors(p: SearchProblem, resolved: Any) -> tuple[list[tuple[str, tuple[int,
 class _Value:
     """The engine's value of a batch of ladder choices, with the forward passes timed."""
 
-    def __init__(self, session: Any, order: np.ndarray):
-        self.s, self.order = session, order
+    def __init__(self, session: Any, order: np.ndarray, split: str = "calib"):
+        self.s, self.order, self.split = session, order, split
         self.keys = session.candidates.keys
         self.calls, self.seconds = 0, 0.0
         self.seen: dict[tuple[int, ...], float] = {}  # ladder choice -> engine value
@@ -100,10 +103,10 @@ class _Value:
                 for n in g}
 
     def raw(self, levels: np.ndarray) -> float:
-        """The session's value (-KL or -(1 - cosine)) of one ladder choice."""
+        """The session's value (-KL or -(1 - cosine)) of one ladder choice on the split."""
         self.s.swapper.set(self.assignment(levels))
         start = time.perf_counter()
-        v = float(self.s.value("calib"))
+        v = float(self.s.value(self.split))
         self.seconds += time.perf_counter() - start
         self.calls += 1
         return v
@@ -141,6 +144,10 @@ def shapley_loop(p: SearchProblem) -> StrategyResult:
                        top_k=o.get("top_k", 4), seed=p.seed,
                        screen_fraction=float(o.get("screen_fraction", 0.3)),
                        patience=int(o.get("patience", 8)))
+    split = o.get("value_split", "calib")
+    if split not in VALUE_SPLITS:
+        raise SmpqError(f"unknown value split {split!r} for {NAME}; known: "
+                        f"{', '.join(VALUE_SPLITS)}")
     space.check_feasible()
     need = min_evaluations(space, cfg)
     if cfg.evaluations < need:  # before the priors spend anything
@@ -149,9 +156,10 @@ def shapley_loop(p: SearchProblem) -> StrategyResult:
     priors, prior_cost = _priors(p, resolved)
     rank = np.argsort(order)  # candidate index -> ladder level
     initial = np.array([[rank[c] for c in choice] for _, choice in priors], dtype=np.int64)
-    value = _Value(s, order)
+    value = _Value(s, order, split)
     out = o.get("out")
-    ckpt = Path(out) / "engine_state.json" if out is not None else None
+    state = "engine_state.json" if split == "calib" else f"engine_state_{split}.json"
+    ckpt = Path(out) / state if out is not None else None
     if ckpt is not None:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
     resume = bool(o.get("resume", False))
@@ -170,11 +178,12 @@ def shapley_loop(p: SearchProblem) -> StrategyResult:
     finally:
         s.swapper.restore()
     choice = tuple(int(order[k]) for k in res.choice)
-    cost = {"seconds": time.perf_counter() - start + prior_cost["seconds"],
+    cost = {"seconds": time.perf_counter() - start,  # the priors' scoring included
             "forward_passes": value.calls + prior_cost["forward_passes"],
             "backward_passes": prior_cost["backward_passes"],
             "forward_seconds": value.seconds, "evaluations": res.evaluations,
-            "prior_seconds": prior_cost["seconds"], "stopped": res.stopped}
+            "prior_seconds": prior_cost["seconds"], "stopped": res.stopped,
+            "value_split": split}
     policy = choice_policy(s.groups, s.specs, choice, meta={
         "method": NAME, "backend": s.backend, "budget": str(p.budget), "model": s.model_name,
         "candidates": [spec_key(x) for x in s.specs], "seed": p.seed})
@@ -210,7 +219,7 @@ def engine_log(res: EngineResult, space: PolicySpace, order: np.ndarray, specs: 
                 "estimate": phi, "stderr": se}
                for (u, _, k), phi, se in zip(space.players, res.shapley, res.shapley_se,
                                              strict=True)]
-    return {"method": NAME, "value": "-log KL (encoders: -log cosine distance) on calibration",
+    return {"method": NAME, "value": "-log KL (encoders: -log cosine distance)",
             "best_value": res.value, "evaluations": res.evaluations, "stopped": res.stopped,
             "r2_cv": res.r2_cv, "value_curve": res.history, "rounds": res.rounds,
             "priors": {n: {"choice": list(c), "value": prior_values.get(n)}

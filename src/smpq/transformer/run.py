@@ -247,10 +247,12 @@ class PTQSession:
         from smpq.transformer.values import WeightSwapper
 
         if self.candidates is None:
-            context = self.calib_digest if self.backend in STATS_BACKENDS else ""
+            needs = self.backend in STATS_BACKENDS  # RTN reads no Hessians: none collected
+            context = self.calib_digest if needs else ""
             cache = self.out / "cache" / "candidates" if self.out else None
             self.candidates = build_candidates(self.linears, self.specs, self.backend,
-                                               self.stats, cache, context, self.progress)
+                                               self.stats if needs else None, cache, context,
+                                               self.progress)
             self.swapper = WeightSwapper(self.model, self.candidates.weights)
         return self
 
