@@ -194,3 +194,18 @@ def test_value_on_the_validation_split(session, tmp_path):
     assert res.info["engine"]["best_value"] == pytest.approx(-math.log(kl + 1e-9), rel=1e-9)
     with pytest.raises(SmpqError, match="value split"):
         _run(session, value_split="test")
+
+
+def test_negative_nll_value(session, tmp_path):
+    from smpq.transformer.values import nll
+
+    res = _run(session, out=tmp_path, metric="neg_nll")
+    assert (tmp_path / "engine_state_neg_nll.json").is_file()
+    keys = session.candidates.keys
+    with session.swapper.applied({n: keys[k] for g, k in
+                                  zip(session.groups, res.detail.choice, strict=True)
+                                  for n in g}):
+        want = -nll(session.model, session.refs["calib"].blocks)
+    assert res.info["engine"]["best_value"] == pytest.approx(want, rel=1e-9)
+    with pytest.raises(SmpqError, match="value metric"):
+        _run(session, metric="acc")

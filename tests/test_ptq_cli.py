@@ -94,6 +94,8 @@ def test_budget_below_the_cheapest_before_data(monkeypatch, capsys, folder, tmp_
     (["--top-k", "0"], "--top-k must be at least 1"),
     (["--calib-tokens", "100"], "--calib-tokens must be an integer >= one block (128"),
     (["--calib-text", "MISSING"], "calibration text file not found"),
+    (["--value", "acc"], "unknown metric 'acc'; known: neg_kl, neg_nll"),
+    (["--value-split", "test"], "unknown value split 'test'; known: calib, val"),
 ])
 def test_bad_flags_before_loading(monkeypatch, capsys, folder, tmp_path, args, msg):
     monkeypatch.setattr(run_mod, "_load", _never)

@@ -410,6 +410,12 @@ def ptq(
         "text), the Fisher and uniform priors included [default: 24]."),
     top_k: int = typer.Option(None, help="shapley-loop: policies evaluated per loop round "
                               "[default: 4]."),
+    value: str = typer.Option(
+        None, help="shapley-loop's value: neg_kl (-KL to the float model, the default) or "
+        "neg_nll (-NLL, closer to perplexity; causal LMs)."),
+    value_split: str = typer.Option(
+        None, help="shapley-loop's value on calib (the calibration text, the default) or val "
+        "(the validation split, held out from the priors' scores)."),
     calib_text: Path = typer.Option(
         None, help="Your own calibration text: a plain-text file (one document) or JSONL "
         '({"text": ...} per line). Default: the Wikipedia excerpt (causal LMs with a subword '
@@ -437,7 +443,8 @@ def ptq(
     with _stage_bars() as bar:
         text = ptq_command(model=model, budget=budget, backend=backend, method=method,
                            out=str(out), resume=resume, seed=seed, candidates=candidates,
-                           evaluations=evaluations, top_k=top_k,
+                           evaluations=evaluations, top_k=top_k, value=value,
+                           value_split=value_split,
                            calib_text=None if calib_text is None else str(calib_text),
                            calib_tokens=calib_tokens, cache_dir=str(cache), progress=bar)
     console.print(text, markup=False, highlight=False)

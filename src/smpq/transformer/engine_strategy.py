@@ -14,7 +14,8 @@ the reported cost.
 
 Options (SearchProblem.options): n_evaluations (default DEFAULT_EVALUATIONS), top_k (4),
 priors (names of registered transformer strategies), value_split ("calib", the default, or
-"val": the validation split, held out from what the priors' scores saw), screen_fraction
+"val": the validation split, held out from what the priors' scores saw), metric ("neg_kl",
+the default, or "neg_nll": minus the mean next-token NLL, closer to perplexity), screen_fraction
 (0.3), patience (8),
 resolved (the session's ResolvedBudget), out (folder for engine_state.json) and resume,
 progress (called with (done, planned, best engine value)). `result.detail` is an `Allocated`
@@ -38,8 +39,8 @@ from smpq.engine.space import PolicySpace
 from smpq.errors import SmpqError
 from smpq.strategy import SearchProblem, StrategyResult, register
 
-__all__ = ["DEFAULT_EVALUATIONS", "DEFAULT_PRIORS", "NAME", "VALUE_SPLITS", "ladder_order",
-           "policy_space", "shapley_loop"]
+__all__ = ["DEFAULT_EVALUATIONS", "DEFAULT_PRIORS", "METRICS", "NAME", "VALUE_SPLITS",
+           "ladder_order", "policy_space", "shapley_loop"]
 
 NAME = "shapley-loop"
 # ~24 s per evaluation on SmolLM2-135M with 16 x 128 calibration tokens on a loaded 2-core
@@ -47,6 +48,7 @@ NAME = "shapley-loop"
 DEFAULT_EVALUATIONS = 24
 DEFAULT_PRIORS = ("fisher", "uniform")
 VALUE_SPLITS = ("calib", "val")  # the calibration blocks (default) or the validation split
+METRICS = ("neg_kl", "neg_nll")  # engine value: -log KL to float, or -NLL (causal LMs)
 
 
 def ladder_order(costs: dict[str, list[np.ndarray]]) -> np.ndarray:
@@ -92,8 +94,9 @@ def _priors(p: SearchProblem, resolved: Any) -> tuple[list[tuple[str, tuple[int,
 class _Value:
     """The engine's value of a batch of ladder choices, with the forward passes timed."""
 
-    def __init__(self, session: Any, order: np.ndarray, split: str = "calib"):
-        self.s, self.order, self.split = session, order, split
+    def __init__(self, session: Any, order: np.ndarray, split: str = "calib",
+                 metric: str = "neg_kl"):
+        self.s, self.order, self.split, self.metric = session, order, split, metric
         self.keys = session.candidates.keys
         self.calls, self.seconds = 0, 0.0
         self.seen: dict[tuple[int, ...], float] = {}  # ladder choice -> engine value
@@ -103,16 +106,24 @@ class _Value:
                 for n in g}
 
     def raw(self, levels: np.ndarray) -> float:
-        """The session's value (-KL or -(1 - cosine)) of one ladder choice on the split."""
+        """The value of one ladder choice on the split: the session's (-KL, or -(1 - cosine)
+        for encoders) or, with neg_nll, minus the mean next-token NLL."""
         self.s.swapper.set(self.assignment(levels))
         start = time.perf_counter()
-        v = float(self.s.value(self.split))
+        if self.metric == "neg_nll":
+            from smpq.transformer.values import nll
+
+            v = -nll(self.s.model, self.s.refs[self.split].blocks, self.s.settings.batch_size)
+        else:
+            v = float(self.s.value(self.split))
         self.seconds += time.perf_counter() - start
         self.calls += 1
         return v
 
     def __call__(self, choices: np.ndarray) -> np.ndarray:
-        out = np.array([-math.log(max(-self.raw(c), 0.0) + 1e-9) for c in choices])
+        raw = [self.raw(c) for c in choices]
+        out = np.array(raw if self.metric == "neg_nll" else
+                       [-math.log(max(-v, 0.0) + 1e-9) for v in raw])
         self.seen.update({tuple(int(x) for x in c): float(v) for c, v in zip(choices, out,
                                                                              strict=True)})
         return out
@@ -148,6 +159,11 @@ def shapley_loop(p: SearchProblem) -> StrategyResult:
     if split not in VALUE_SPLITS:
         raise SmpqError(f"unknown value split {split!r} for {NAME}; known: "
                         f"{', '.join(VALUE_SPLITS)}")
+    if o.get("metric", "neg_kl") not in METRICS:
+        raise SmpqError(f"unknown value metric {o.get('metric')!r} for {NAME}; known: "
+                        f"{', '.join(METRICS)}")
+    if o.get("metric") == "neg_nll" and s.kind != "causal_lm":
+        raise SmpqError(f"the neg_nll value of {NAME} needs a causal LM")
     space.check_feasible()
     need = min_evaluations(space, cfg)
     if cfg.evaluations < need:  # before the priors spend anything
@@ -156,9 +172,12 @@ def shapley_loop(p: SearchProblem) -> StrategyResult:
     priors, prior_cost = _priors(p, resolved)
     rank = np.argsort(order)  # candidate index -> ladder level
     initial = np.array([[rank[c] for c in choice] for _, choice in priors], dtype=np.int64)
-    value = _Value(s, order, split)
+    metric = o.get("metric", "neg_kl")
+    value = _Value(s, order, split, metric)
     out = o.get("out")
-    state = "engine_state.json" if split == "calib" else f"engine_state_{split}.json"
+    tag = "".join(f"_{x}" for x, default in ((split, "calib"), (metric, "neg_kl"))
+                  if x != default)
+    state = f"engine_state{tag}.json"  # another value: another search
     ckpt = Path(out) / state if out is not None else None
     if ckpt is not None:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
@@ -183,7 +202,7 @@ def shapley_loop(p: SearchProblem) -> StrategyResult:
             "backward_passes": prior_cost["backward_passes"],
             "forward_seconds": value.seconds, "evaluations": res.evaluations,
             "prior_seconds": prior_cost["seconds"], "stopped": res.stopped,
-            "value_split": split}
+            "value_split": split, "metric": metric}
     policy = choice_policy(s.groups, s.specs, choice, meta={
         "method": NAME, "backend": s.backend, "budget": str(p.budget), "model": s.model_name,
         "candidates": [spec_key(x) for x in s.specs], "seed": p.seed})
@@ -219,7 +238,7 @@ def engine_log(res: EngineResult, space: PolicySpace, order: np.ndarray, specs: 
                 "estimate": phi, "stderr": se}
                for (u, _, k), phi, se in zip(space.players, res.shapley, res.shapley_se,
                                              strict=True)]
-    return {"method": NAME, "value": "-log KL (encoders: -log cosine distance)",
+    return {"method": NAME, "value": "-log KL (encoders: -log cosine distance) or -NLL",
             "best_value": res.value, "evaluations": res.evaluations, "stopped": res.stopped,
             "r2_cv": res.r2_cv, "value_curve": res.history, "rounds": res.rounds,
             "priors": {n: {"choice": list(c), "value": prior_values.get(n)}

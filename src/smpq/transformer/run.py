@@ -498,6 +498,12 @@ def run_ptq(model: str, budget: str | Budget, backend: str = "rtn",
         cfg = EngineConfig(evaluations=int(o.get("n_evaluations", 10**9)),
                            top_k=o.get("top_k", 4))
         need = min_evaluations(None, cfg)  # type: ignore[arg-type]  # needs no space yet
+        from smpq.transformer.engine_strategy import METRICS, VALUE_SPLITS
+
+        for key, known in (("metric", METRICS), ("value_split", VALUE_SPLITS)):
+            if o.get(key, known[0]) not in known:
+                raise SmpqError(f"unknown {key.replace('_', ' ')} {o[key]!r}; known: "
+                                f"{', '.join(known)}")
         if cfg.evaluations < need:
             raise SmpqError(f"an evaluation budget of {cfg.evaluations} is below the {need} "
                             "one screening and one round need")
@@ -549,13 +555,15 @@ def ptq_command(model: str = "tiny-lm", budget: str = "avg_bits=3", backend: str
                 method: str = DEFAULT_METHOD, out: str = "runs/ptq", resume: bool = False,
                 seed: int = 0, candidates: str = DEFAULT_CANDIDATES,
                 evaluations: int | None = None, top_k: int | None = None,
+                value: str | None = None, value_split: str | None = None,
                 calib_text: str | None = None, calib_tokens: int | None = None,
                 cache_dir: str | None = None, progress: Progress | None = None) -> str:
     """`smpq ptq`: run_ptq with plain arguments; returns a short report for the terminal."""
     base = RunSettings()
     settings = replace(base, calib_text=calib_text, calib_tokens=calib_tokens,
                        cache_dir=cache_dir or base.cache_dir)
-    options = {k: v for k, v in (("n_evaluations", evaluations), ("top_k", top_k))
+    options = {k: v for k, v in (("n_evaluations", evaluations), ("top_k", top_k),
+                                 ("metric", value), ("value_split", value_split))
                if v is not None}
     s = run_ptq(model, budget, backend, method, out, candidates, seed, resume, progress,
                 settings, options)
