@@ -137,11 +137,32 @@ def test_resume_after_a_kill_gives_the_same_choice(session, found, tmp_path, kil
         if done >= kill_at:
             raise _Kill
 
+    import smpq.transformer.engine_strategy as es
+
     with pytest.raises(_Kill):
         _run(session, out=tmp_path, progress=stop)
-    resumed = _run(session, out=tmp_path, resume=True)
+
+    def no_priors(*args):
+        raise AssertionError("a resume reads the priors back instead of scoring them again")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(es, "_priors", no_priors)
+        resumed = _run(session, out=tmp_path, resume=True)
     assert resumed.detail.choice == res.detail.choice
     assert resumed.info["engine"]["value_curve"] == res.info["engine"]["value_curve"]
+
+
+def test_resume_on_other_data_is_refused(session, tmp_path, monkeypatch):
+    def stop(done, planned, best):
+        if done >= EVALS - 2:  # after the screening checkpoint
+            raise _Kill
+
+    with pytest.raises(_Kill):
+        _run(session, out=tmp_path, progress=stop)
+    real = session.fingerprint()
+    monkeypatch.setattr(session, "fingerprint", lambda: {**real, "calibration": "other"})
+    with pytest.raises(SmpqError, match="another model, calibration text"):
+        _run(session, out=tmp_path, resume=True)
 
 
 def test_space_totals_match_model_cost(session):

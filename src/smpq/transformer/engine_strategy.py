@@ -17,8 +17,11 @@ priors (names of registered transformer strategies), value_split ("calib", the d
 "val": the validation split, held out from what the priors' scores saw), metric ("neg_kl",
 the default, or "neg_nll": minus the mean next-token NLL, closer to perplexity), screen_fraction
 (0.3), patience (8),
-resolved (the session's ResolvedBudget), out (folder for engine_state.json) and resume,
-progress (called with (done, planned, best engine value)). `result.detail` is an `Allocated`
+resolved (the session's ResolvedBudget), out (folder for engine_state.json, and beside it
+engine_state.session.json: the session's fingerprint and the priors, so a resume neither
+scores them again nor continues on another model or text) and resume, progress (called
+with (done, planned, best engine value) per engine batch; the session's progress hears of
+every evaluation). `result.detail` is an `Allocated`
 whose scores are the surrogate's ladder Shapley values summed up each ladder;
 `result.info["engine"]` has the search log (value curve, rounds, R^2, interactions).
 """
@@ -37,14 +40,16 @@ import numpy as np
 from smpq.engine.loop import EngineConfig, EngineResult, min_evaluations, run_engine
 from smpq.engine.space import PolicySpace
 from smpq.errors import SmpqError
+from smpq.fileio import atomic_write_text
 from smpq.strategy import SearchProblem, StrategyResult, register
 
 __all__ = ["DEFAULT_EVALUATIONS", "DEFAULT_PRIORS", "METRICS", "NAME", "VALUE_SPLITS",
            "ladder_order", "policy_space", "shapley_loop"]
 
 NAME = "shapley-loop"
-# ~24 s per evaluation on SmolLM2-135M with 16 x 128 calibration tokens on a loaded 2-core
-# machine: 24 evaluations (priors included) is ~10 minutes there, seconds on small models.
+# One evaluation is one forward over the calibration text: on SmolLM2-135M with 2,048 tokens
+# about 8-10 s on a loaded 2-core machine (benchmarks/results/llm_real_smoke.md), so 24
+# evaluations (priors included) take 3-4 minutes there, and seconds on small models.
 DEFAULT_EVALUATIONS = 24
 DEFAULT_PRIORS = ("fisher", "uniform")
 VALUE_SPLITS = ("calib", "val")  # the calibration blocks (default) or the validation split
@@ -91,14 +96,45 @@ def _priors(p: SearchProblem, resolved: Any) -> tuple[list[tuple[str, tuple[int,
     return out, cost
 
 
+def _session_priors(p: SearchProblem, resolved: Any, ckpt: Path | None, resume: bool
+                    ) -> tuple[list[tuple[str, tuple[int, ...]]], dict]:
+    """The priors, computed or (on resume) read back; with a checkpoint, what the session is
+    (model weights, calibration text, candidates: `PTQSession.fingerprint`) is saved beside
+    it, and a resume on another session is refused (the engine's own fingerprint covers the
+    space and settings, not the data its values came from)."""
+    names = list(p.options.get("priors", DEFAULT_PRIORS))
+    if ckpt is None:
+        return _priors(p, resolved)
+    side = ckpt.with_suffix(".session.json")
+    session = json.loads(json.dumps(p.model.fingerprint(), default=str))
+    if resume and (ckpt.is_file() or side.is_file()):
+        try:
+            saved = json.loads(side.read_text())
+        except (OSError, ValueError):
+            saved = None
+        same = isinstance(saved, dict) and saved.get("session") == session
+        if not same and ckpt.is_file():
+            raise SmpqError(f"the checkpoint {ckpt} belongs to another model, calibration text "
+                            "or candidate set; use a fresh --out or drop --resume")
+        if same and saved.get("prior_names") == names:
+            return [(n, tuple(c)) for n, c in saved["priors"]], saved["prior_cost"]
+    priors, cost = _priors(p, resolved)
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(side, json.dumps({"session": session, "prior_names": names,
+                                        "priors": [[n, list(c)] for n, c in priors],
+                                        "prior_cost": cost}) + "\n")
+    return priors, cost
+
+
 class _Value:
     """The engine's value of a batch of ladder choices, with the forward passes timed."""
 
     def __init__(self, session: Any, order: np.ndarray, split: str = "calib",
-                 metric: str = "neg_kl"):
+                 metric: str = "neg_kl", planned: int = 0):
         self.s, self.order, self.split, self.metric = session, order, split, metric
+        self.planned = planned
         self.keys = session.candidates.keys
-        self.calls, self.seconds = 0, 0.0
+        self.calls, self.seconds, self.pending = 0, 0.0, 0
         self.seen: dict[tuple[int, ...], float] = {}  # ladder choice -> engine value
 
     def assignment(self, levels: np.ndarray) -> dict[str, str]:
@@ -118,12 +154,17 @@ class _Value:
             v = float(self.s.value(self.split))
         self.seconds += time.perf_counter() - start
         self.calls += 1
+        self.pending += 1
+        # per evaluation (the engine reports per batch, and a screening batch takes minutes)
+        self.s.progress(NAME, min(len(self.seen) + self.pending, self.planned), self.planned)
         return v
 
     def __call__(self, choices: np.ndarray) -> np.ndarray:
+        self.pending = 0
         raw = [self.raw(c) for c in choices]
         out = np.array(raw if self.metric == "neg_nll" else
                        [-math.log(max(-v, 0.0) + 1e-9) for v in raw])
+        self.pending = 0
         self.seen.update({tuple(int(x) for x in c): float(v) for c, v in zip(choices, out,
                                                                              strict=True)})
         return out
@@ -169,31 +210,23 @@ def shapley_loop(p: SearchProblem) -> StrategyResult:
     if cfg.evaluations < need:  # before the priors spend anything
         raise SmpqError(f"an evaluation budget of {cfg.evaluations} is below the {need} one "
                         f"screening and one round need")
-    priors, prior_cost = _priors(p, resolved)
-    rank = np.argsort(order)  # candidate index -> ladder level
-    initial = np.array([[rank[c] for c in choice] for _, choice in priors], dtype=np.int64)
     metric = o.get("metric", "neg_kl")
-    value = _Value(s, order, split, metric)
     out = o.get("out")
     tag = "".join(f"_{x}" for x, default in ((split, "calib"), (metric, "neg_kl"))
                   if x != default)
-    state = f"engine_state{tag}.json"  # another value: another search
-    ckpt = Path(out) / state if out is not None else None
-    if ckpt is not None:
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
+    ckpt = Path(out) / f"engine_state{tag}.json" if out is not None else None  # per value
     resume = bool(o.get("resume", False))
+    priors, prior_cost = _session_priors(p, resolved, ckpt, resume)
+    rank = np.argsort(order)  # candidate index -> ladder level
+    initial = np.array([[rank[c] for c in choice] for _, choice in priors], dtype=np.int64)
+    value = _Value(s, order, split, metric, cfg.evaluations)
     if resume:
         value.load(ckpt)
     outer = o.get("progress")
 
-    def progress(done: int, planned: int, best: float) -> None:
-        s.progress(NAME, done, planned)
-        if outer is not None:
-            outer(done, planned, best)
-
     try:
-        res = run_engine(space, value, cfg, checkpoint=ckpt, resume=resume,
-                         progress=progress, initial=initial if len(initial) else None)
+        res = run_engine(space, value, cfg, checkpoint=ckpt, resume=resume, progress=outer,
+                         initial=initial if len(initial) else None)
     finally:
         s.swapper.restore()
     choice = tuple(int(order[k]) for k in res.choice)
