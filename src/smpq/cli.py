@@ -407,9 +407,9 @@ def ptq(
                                    help="Weight formats to choose from."),
     evaluations: int = typer.Option(
         None, help="shapley-loop: policies evaluated (forward passes over the calibration "
-        "text), the Fisher and uniform priors included [default: 24]."),
+        "text), the Fisher and uniform priors included (default 24)."),
     top_k: int = typer.Option(None, help="shapley-loop: policies evaluated per loop round "
-                              "[default: 4]."),
+                              "(default 4)."),
     value: str = typer.Option(
         None, help="shapley-loop's value: neg_kl (-KL to the float model, the default) or "
         "neg_nll (-NLL, closer to perplexity; causal LMs)."),
@@ -421,8 +421,9 @@ def ptq(
         '({"text": ...} per line). Default: the Wikipedia excerpt (causal LMs with a subword '
         "tokenizer, when gensim is installed), else the Python stdlib split."),
     calib_tokens: int = typer.Option(
-        None, help="Calibration tokens (whole blocks of 128) [default: 2048]."),
-    cache: Path = CacheOpt,
+        None, help="Calibration tokens, whole blocks of 128 (default 2048)."),
+    cache: Path = typer.Option(DEFAULT_CACHE, help="Cache folder (tiny-lm, the converted "
+                               "SmolLM2)."),
     resume: bool = typer.Option(False, help="Reuse cached candidates and continue the "
                                 "search from its checkpoint."),
     seed: int = SeedOpt,
