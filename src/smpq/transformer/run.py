@@ -1,25 +1,31 @@
 """End-to-end weight-only mixed-precision PTQ of a local transformer, resumable after a kill.
 
-    load -> data -> float references -> calibration stats -> candidate weights (cached) ->
-    scores (Shapley progressive game or a baseline) -> exact allocation -> evaluation -> files
+    load -> budget check -> data -> float references -> candidate weights (cached) ->
+    allocation (shapley-loop by default; Shapley game or a baseline) -> evaluation -> files
 
-Data protocol (fixed, disjoint by file, see smpq.transformer.data):
+Data protocol (fixed, disjoint by article or file, see smpq.transformer.wiki and .data):
 
-| model     | calibration: scores, Hessians, game | validation: search objective | test: final |
-|-----------|--------------------------------------|------------------------------|-------------|
-| causal LM | calib_blocks of "calibration"        | KL on val_blocks             | perplexity, |
-|           |                                      |                              | KL          |
-| encoder   | calib_pairs docstring pairs          | embedding cosine             | cosine,     |
-|           |                                      |                              | retrieval   |
+| model     | calibration: scores, Hessians, values | validation: reported     | test: final |
+|-----------|----------------------------------------|--------------------------|-------------|
+| causal LM | calibration split (Wikipedia excerpt   | KL on the validation     | perplexity, |
+|           | for subword tokenizers when gensim is  | split                    | KL          |
+|           | installed, else the stdlib split), or  |                          |             |
+|           | `calib_text` (a user's file)           |                          |             |
+| encoder   | calib_pairs docstring pairs            | embedding cosine         | cosine,     |
+|           |                                        |                          | retrieval   |
 
-Files in `out`: policy.json, contributions.json (per player / per group), summary.json, the
-packed checkpoint (model.safetensors + quant_meta.json, `smpq.export.load_quantized(out, m)`;
-not for AWQ backends, whose channel scales would need folding into the previous op),
-exports/ (llama.cpp, GPTQModel, torchao, HF), cache/candidates/ and shapley_state.json.
+Byte-level models (the tiny LM) always read the stdlib split; `RunSettings.text` forces a
+source. `calib_tokens` sets the calibration size (whole blocks of `block` tokens).
+
+Files in `out`: policy.json, contributions.json (per player / per group; shapley-loop adds
+its search log), summary.json, the packed checkpoint (model.safetensors + quant_meta.json,
+`smpq.export.load_quantized(out, m)`; not for AWQ backends, whose channel scales would need
+folding into the previous op), exports/ (llama.cpp, GPTQModel, torchao, HF),
+cache/candidates/, engine_state.json (shapley-loop) and shapley_state.json (Shapley game).
 Candidate weights are content-keyed and always reused; `resume=True` also continues the
-Shapley sampling from shapley_state.json (without it, sampling starts afresh). `run_ptq`
-claims `out` with `smpq.fileio.output_dir`: locked for the run, the final files written aside
-and swapped in at the end; the cache and the sampler state stay in `out` for resuming.
+search from its checkpoint (without it, the search starts afresh). `run_ptq` claims `out`
+with `smpq.fileio.output_dir`: locked for the run, the final files written aside and swapped
+in at the end; the cache and the search state stay in `out` for resuming.
 """
 
 from __future__ import annotations
@@ -62,12 +68,16 @@ from smpq.transformer.scores import (
     lm_loss,
 )
 
-__all__ = ["ALL_METHODS", "PTQSession", "RunSettings", "ptq_command", "run_ptq"]
+__all__ = ["ALL_METHODS", "DEFAULT_METHOD", "PTQSession", "RunSettings", "ptq_command", "run_ptq"]
 
 log = logging.getLogger(__name__)
 
 ALL_METHODS = strategy.names("transformer")  # registered in smpq.transformer.strategies
+DEFAULT_METHOD = "shapley-loop"  # smpq.transformer.engine_strategy, registered first
 STATS_BACKENDS = ("gptq", "awq_rtn", "awq_gptq")
+# Causal-LM text: "auto" = the Wikipedia excerpt for models with a subword tokenizer when
+# gensim's test data is installed, else the stdlib split (byte-level models: always stdlib).
+TEXT_SOURCES = ("auto", "wikipedia", "stdlib")
 Progress = Callable[[str, int, int], None]
 
 
@@ -89,6 +99,23 @@ class RunSettings:
     fuse: bool = True
     shapley: MixedConfig = field(default_factory=MixedConfig)
     cache_dir: str = ".cache/smpq"
+    text: str = "auto"  # causal LMs: "auto", "wikipedia" or "stdlib" (see TEXT_SOURCES)
+    calib_text: str | None = None  # a user's calibration file (plain text or JSONL)
+    calib_tokens: int | None = None  # calibration size in tokens (default block*calib_blocks)
+
+    def __post_init__(self) -> None:
+        if self.text not in TEXT_SOURCES:
+            raise SmpqError(f"unknown text source {self.text!r}; known: "
+                            f"{', '.join(TEXT_SOURCES)}")
+        tokens = self.calib_tokens
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int)
+                                   or tokens < self.block):
+            raise SmpqError(f"--calib-tokens must be an integer >= one block ({self.block} "
+                            f"tokens), got {tokens!r}")
+
+    @property
+    def n_calib_blocks(self) -> int:
+        return self.calib_blocks if self.calib_tokens is None else self.calib_tokens // self.block
 
 
 def _digest(*tensors: torch.Tensor) -> str:
@@ -121,20 +148,73 @@ def _check_budget_early(model: str, budget: Budget, candidates: str | list) -> N
     budget.resolve(cost, {n: [LayerChoice(s, None) for s in specs] for n in linears})
 
 
-def _load(model: str, cache_dir: str) -> tuple[torch.nn.Module, Any, str]:
-    from smpq.transformer.models import load_local, load_minilm
-    from smpq.transformer.tiny_lm import default_tiny_lm
+def _check_architecture(folder: Path) -> None:
+    """One line, before any weight is read, for a config transformers cannot build."""
+    from smpq.transformer.models import require_transformers
 
-    if model == "minilm":
-        m, tok = load_minilm()
-    elif model == "tiny-lm":
-        m, tok = load_local(default_tiny_lm(cache_dir))
-    else:
-        m, tok = load_local(model)
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        return  # load_local names the missing config.json
+    try:
+        model_type = json.loads(cfg_path.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return  # load_local reports an unreadable config
+    known = require_transformers().CONFIG_MAPPING
+    if model_type is None or model_type not in known:
+        raise SmpqError(f"unsupported architecture {model_type!r} in {folder / 'config.json'}: "
+                        "this transformers version cannot build it (smpq quantizes Llama-style "
+                        "decoders such as llama/mistral/qwen2 and BERT-style encoders)")
+
+
+def _load(model: str, cache_dir: str) -> tuple[torch.nn.Module, Any, str]:
+    from smpq.transformer.models import load_local, resolve_model
+
+    folder, kind = resolve_model(model, cache_dir)
+    _check_architecture(folder)
+    m, tok = load_local(folder, kind)
     if tok is None:
         raise SmpqError(f"model {model!r} has no tokenizer files; smpq needs one for its data")
     causal = type(m).__name__.endswith(("ForCausalLM", "LMHeadModel"))
     return m, tok, "causal_lm" if causal else "encoder"
+
+
+def _lm_blocks(tok: Any, s: RunSettings) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """{split: token blocks} of a causal LM and where they came from (module docstring)."""
+    from smpq.transformer.data import stdlib_corpus, token_blocks
+    from smpq.transformer.tiny_lm import ByteTokenizer
+
+    sizes = {"calibration": s.n_calib_blocks, "validation": s.val_blocks,
+             "test": s.test_blocks}
+    source, note = s.text, None
+    if source == "auto":
+        source = "stdlib"
+        if not isinstance(tok, ByteTokenizer):
+            from smpq.transformer.wiki import GENSIM_INSTALL, wiki_source
+
+            try:
+                wiki_source()
+                source = "wikipedia"
+            except SmpqError:
+                note = (f"Wikipedia text needs gensim's test data ({GENSIM_INSTALL}); "
+                        "using the Python stdlib split")
+    if source == "wikipedia":
+        from smpq.transformer.wiki import wiki_blocks
+
+        blocks = {k: wiki_blocks(tok, k, s.block, n) for k, n in sizes.items()}
+    else:
+        corpus = stdlib_corpus()
+        blocks = {k: token_blocks(corpus[k], tok, s.block, n) for k, n in sizes.items()}
+    info = {"text": source, "calibration": source}
+    if s.calib_text is not None:
+        from smpq.transformer.wiki import calib_text_blocks
+
+        blocks["calibration"] = calib_text_blocks(s.calib_text, tok,
+                                                  s.n_calib_blocks * s.block, s.block)
+        info["calibration"] = str(s.calib_text)
+    if note:
+        info["note"] = note
+        log.warning(note)
+    return blocks, info
 
 
 def _encode_pairs(tok: Any, task: Any, size: int, max_length: int) -> list[tuple[dict, dict]]:
@@ -153,12 +233,14 @@ class PTQSession:
     """One model, its data, references and candidate weights: score, allocate, evaluate.
 
     The benchmark drives it directly (many methods and budgets on one session); `run_ptq` is
-    one method and one budget plus the files."""
+    one method and one budget plus the files. `budget`, if given, is checked right after
+    loading, before the data and references are built."""
 
     def __init__(self, model: str, backend: str = "rtn",
                  candidates: str | list = DEFAULT_CANDIDATES,
                  settings: RunSettings = RunSettings(), out: str | Path | None = None,
-                 progress: Progress | None = None, scale: Any = None) -> None:
+                 progress: Progress | None = None, budget: Budget | None = None,
+                 scale: Any = None) -> None:
         from smpq.backends import BACKENDS
         from smpq.transformer.models import arch_of, share_groups
 
@@ -175,6 +257,10 @@ class PTQSession:
         self.model_name, self.arch = model, arch_of(self.model)
         self.linears, self.cost = _model_cost(self.model)
         self.groups = share_groups(list(self.linears), self.arch, settings.fuse)
+        if not self.linears:
+            raise SmpqError(f"model {model!r} has no linear layers smpq can quantize")
+        if budget is not None:  # before the data and the float references (minutes on LLMs)
+            self.resolve(budget)
         self.progress("data", 0, 1)
         self._data()
         self._stats: dict | None = None
@@ -187,10 +273,12 @@ class PTQSession:
         from smpq.transformer.values import WeightSwapper
 
         if self.candidates is None:
-            context = self.calib_digest if self.backend in STATS_BACKENDS else ""
+            needs = self.backend in STATS_BACKENDS  # RTN reads no Hessians: none collected
+            context = self.calib_digest if needs else ""
             cache = self.out / "cache" / "candidates" if self.out else None
             self.candidates = build_candidates(self.linears, self.specs, self.backend,
-                                               self.stats, cache, context, self.progress)
+                                               self.stats if needs else None, cache, context,
+                                               self.progress)
             self.swapper = WeightSwapper(self.model, self.candidates.weights)
         return self
 
@@ -209,20 +297,20 @@ class PTQSession:
     # -- data and values ----------------------------------------------------------------
     def _data(self) -> None:
         from smpq.transformer import values
-        from smpq.transformer.data import docstring_pairs, stdlib_corpus, token_blocks
+        from smpq.transformer.data import docstring_pairs
 
         s, m, bs = self.settings, self.model, self.settings.batch_size
         if self.kind == "causal_lm":
-            corpus = stdlib_corpus()
-            blocks = {split: token_blocks(corpus[split], self.tokenizer, s.block, n)
-                      for split, n in (("calibration", s.calib_blocks),
-                                       ("validation", s.val_blocks), ("test", s.test_blocks))}
+            blocks, self.data_info = _lm_blocks(self.tokenizer, s)
             self.calib = blocks["calibration"]
             self.calib_batches = list(self.calib.split(bs))
             self.grad_batches = list(self.calib.split(1))
-            self.refs = {k: values.float_reference(m, b, batch_size=bs) for k, b in
-                         (("calib", self.calib), ("val", blocks["validation"]),
-                          ("test", blocks["test"]))}
+            self.refs = {}
+            todo = (("calib", self.calib), ("val", blocks["validation"]), ("test", blocks["test"]))
+            for i, (k, b) in enumerate(todo):  # weighted by tokens would be finer; 3 steps do
+                self.progress("float references", i, len(todo))
+                self.refs[k] = values.float_reference(m, b, batch_size=bs)
+            self.progress("float references", len(todo), len(todo))
             self.test_blocks = blocks["test"]
             self.forward_fn = lambda model, b: model(input_ids=b, use_cache=False)
             self.loss_fn = lm_loss
@@ -239,6 +327,7 @@ class PTQSession:
         self.forward_fn = lambda model, b: model(**b)
         self.loss_fn = contrastive_loss
         self.calib_digest = hashlib.sha256("\0".join(tasks["calib"].texts).encode()).hexdigest()
+        self.data_info = {"text": "stdlib docstring pairs", "calibration": "stdlib"}
 
     def value(self, split: str = "calib") -> float:
         """Higher is better: -KL(float || model) for LMs, -(1 - embedding cosine) encoders."""
@@ -430,35 +519,66 @@ def _write_model(session: PTQSession, out: Path, policy: Any) -> str | None:
     return note
 
 
-def run_ptq(model: str, budget: str | Budget, backend: str = "rtn", method: str = "shapley",
-            out: str | Path = "runs/ptq", candidates: str | list = DEFAULT_CANDIDATES,
-            seed: int = 0, resume: bool = False, progress: Progress | None = None,
-            settings: RunSettings = RunSettings()) -> dict:
+# the engine's checkpoints (one per value option), kept across the output swap for --resume
+ENGINE_STATE_FILES = tuple(f"engine_state{tag}{ext}" for tag in ("", "_val", "_neg_nll",
+                                                                  "_val_neg_nll")
+                           for ext in (".json", ".session.json"))
+
+
+def run_ptq(model: str, budget: str | Budget, backend: str = "rtn",
+            method: str = DEFAULT_METHOD, out: str | Path = "runs/ptq",
+            candidates: str | list = DEFAULT_CANDIDATES, seed: int = 0, resume: bool = False,
+            progress: Progress | None = None, settings: RunSettings = RunSettings(),
+            options: Mapping[str, Any] | None = None) -> dict:
     """Allocate formats for `model` ("tiny-lm", "minilm" or a local HF folder) under
-    `budget` (e.g. "avg_bits=3.5"), evaluate, write the files; returns the summary."""
+    `budget` (e.g. "avg_bits=3.5"), evaluate, write the files; returns the summary.
+
+    `options`: extra strategy options (shapley-loop: n_evaluations, top_k, priors)."""
     find = strategy.get(method, "transformer")
     budget = Budget.parse(budget) if isinstance(budget, str) else budget
-    with output_dir(out, keep=("cache", "shapley_state.json")) as stage:
+    with output_dir(out, keep=("cache", "shapley_state.json", *ENGINE_STATE_FILES)) as stage:
         _check_budget_early(model, budget, candidates)
         return _run_ptq(model, budget, backend, method, Path(out), stage, candidates, seed,
-                        resume, progress, settings, find)
+                        resume, progress, settings, find, options)
 
 
 def _run_ptq(model: str, budget: Budget, backend: str, method: str, out: Path, stage: Path,
              candidates: str | list, seed: int, resume: bool, progress: Progress | None,
-             settings: RunSettings, find: Callable) -> dict:
+             settings: RunSettings, find: Callable,
+             options: Mapping[str, Any] | None = None) -> dict:
     """run_ptq inside its claimed folder: caches and sampler state in `out`, files in
     `stage`."""
     config = replace(settings.shapley, seed=seed)
     start = time.perf_counter()
-    session = PTQSession(model, backend, candidates, settings, out, progress)
+    if method == DEFAULT_METHOD:  # an impossible evaluation budget fails before any work
+        from smpq.engine.loop import EngineConfig, min_evaluations
+
+        o = dict(options or {})
+        cfg = EngineConfig(evaluations=int(o.get("n_evaluations", 10**9)),
+                           top_k=o.get("top_k", 4))
+        need = min_evaluations(None, cfg)  # type: ignore[arg-type]  # needs no space yet
+        from smpq.transformer.engine_strategy import METRICS, VALUE_SPLITS
+
+        for key, known in (("metric", METRICS), ("value_split", VALUE_SPLITS)):
+            if o.get(key, known[0]) not in known:
+                raise SmpqError(f"unknown {key.replace('_', ' ')} {o[key]!r}; known: "
+                                f"{', '.join(known)}")
+        if cfg.evaluations < need:
+            raise SmpqError(f"an evaluation budget of {cfg.evaluations} is below the {need} "
+                            "one screening and one round need")
+    if settings.calib_text is not None:
+        from smpq.transformer.wiki import read_text_documents
+
+        if not read_text_documents(settings.calib_text):  # missing or empty: before loading
+            raise SmpqError(f"calibration text {settings.calib_text} is empty")
+    session = PTQSession(model, backend, candidates, settings, out, progress, budget)
     resolved = session.resolve(budget)
     limits = resolved.limits
     session.prepare()
     session.progress("score", 0, 1)
     found = find(SearchProblem(session, session.cost, budget, session.specs, seed=seed, options={
-        "config": config, "state_path": out / "shapley_state.json", "resume": resume,
-        "resolved": resolved}))
+        **dict(options or {}), "config": config, "state_path": out / "shapley_state.json",
+        "resume": resume, "resolved": resolved, "out": out}))
     d = found.detail
     alloc, choice, scores, result, errors, score_cost = (
         d.allocation, d.choice, d.scores, d.shapley, d.errors, d.cost)
@@ -468,6 +588,8 @@ def _run_ptq(model: str, budget: Budget, backend: str, method: str, out: Path, s
     session.progress("write", 0, 1)
     note = _write_model(session, stage, policy)
     contrib = _contributions(session, choice, scores, result, errors)
+    if "engine" in found.info:
+        contrib["engine"] = found.info["engine"]
     atomic_write_text(stage / "contributions.json", json.dumps(contrib, indent=1) + "\n")
     summary = {
         "model": model, "kind": session.kind, "method": method, "backend": backend,
@@ -480,7 +602,7 @@ def _run_ptq(model: str, budget: Budget, backend: str, method: str, out: Path, s
         "metrics": metrics, "float": session.float_metrics(), "search_cost": score_cost,
         "candidates_built": session.candidates.built,
         "candidates_loaded": session.candidates.loaded, "checkpoint_note": note,
-        "seconds": time.perf_counter() - start, "limits": limits,
+        "seconds": time.perf_counter() - start, "limits": limits, "data": session.data_info,
         "shapley": config.to_dict() if result is not None else None,
     }
     atomic_write_text(stage / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
@@ -488,17 +610,32 @@ def _run_ptq(model: str, budget: Budget, backend: str, method: str, out: Path, s
 
 
 def ptq_command(model: str = "tiny-lm", budget: str = "avg_bits=3", backend: str = "rtn",
-                method: str = "shapley", out: str = "runs/ptq", resume: bool = False,
-                seed: int = 0, candidates: str = DEFAULT_CANDIDATES) -> str:
+                method: str = DEFAULT_METHOD, out: str = "runs/ptq", resume: bool = False,
+                seed: int = 0, candidates: str = DEFAULT_CANDIDATES,
+                evaluations: int | None = None, top_k: int | None = None,
+                value: str | None = None, value_split: str | None = None,
+                calib_text: str | None = None, calib_tokens: int | None = None,
+                cache_dir: str | None = None, progress: Progress | None = None) -> str:
     """`smpq ptq`: run_ptq with plain arguments; returns a short report for the terminal."""
-    s = run_ptq(model, budget, backend, method, out, candidates, seed, resume)
+    base = RunSettings()
+    settings = replace(base, calib_text=calib_text, calib_tokens=calib_tokens,
+                       cache_dir=cache_dir or base.cache_dir)
+    options = {k: v for k, v in (("n_evaluations", evaluations), ("top_k", top_k),
+                                 ("metric", value), ("value_split", value_split))
+               if v is not None}
+    s = run_ptq(model, budget, backend, method, out, candidates, seed, resume, progress,
+                settings, options)
     m = s["metrics"]
     main = (f"test perplexity {m['test_perplexity']:.4f} (float {s['float']['test_perplexity']:.4f}"
             f"), test KL {m['test_kl']:.5f}" if s["kind"] == "causal_lm" else
             f"test cosine {m['test_cosine']:.5f}, retrieval spearman {m['spearman']:.4f}")
-    return "\n".join([
+    cost = s["search_cost"]
+    lines = [f"note: {s['data']['note']}"] if s["data"].get("note") else []
+    return "\n".join([*lines,
         f"{s['method']} / {s['backend']} under {s['budget']}: {main}",
+        f"text: {s['data']['text']} (calibration: {s['data']['calibration']})",
         "formats: " + ", ".join(f"{k} x{v}" for k, v in s["choice"].items()),
-        f"binding: {', '.join(s['binding']) or 'none'}; search {s['search_cost']['seconds']:.1f}"
-        f" s, {s['search_cost']['forward_passes']} forward passes",
+        f"binding: {', '.join(s['binding']) or 'none'}; search {cost['seconds']:.1f}"
+        f" s, {cost['forward_passes']} forward passes"
+        + (f" ({cost['evaluations']} policies evaluated)" if "evaluations" in cost else ""),
         f"wrote {Path(out) / 'policy.json'}, summary.json, contributions.json"])

@@ -1,0 +1,279 @@
+"""The default transformer strategy, `shapley-loop`: the engine (`smpq.engine`) on share groups.
+
+Units are the session's share groups (fused q/k/v and gate/up decide one format together);
+each is a 1-D ladder of the candidate formats ordered by cost, cheapest first. A policy's
+value is one weight swap (`WeightSwapper.set`, pointer swaps of cached candidates) and one
+forward pass over the calibration blocks: -KL(float || quantized) for causal LMs, minus the
+embedding cosine distance for encoders (`PTQSession.value`); the engine maximises
+-log(distance), which orders policies alike and is closer to additive.
+
+The cheap scores are priors: the allocations of `priors` (Fisher and the best uniform policy
+by default) are evaluated first, so the result is never worse than them by this value, and
+the trust region of the loop starts around the best of them. Their scoring time counts in
+the reported cost.
+
+Options (SearchProblem.options): n_evaluations (default DEFAULT_EVALUATIONS), top_k (4),
+priors (names of registered transformer strategies), value_split ("calib", the default, or
+"val": the validation split, held out from what the priors' scores saw), metric ("neg_kl",
+the default, or "neg_nll": minus the mean next-token NLL, closer to perplexity), screen_fraction
+(0.3), patience (8),
+resolved (the session's ResolvedBudget), out (folder for engine_state.json, and beside it
+engine_state.session.json: the session's fingerprint and the priors, so a resume neither
+scores them again nor continues on another model or text) and resume, progress (called
+with (done, planned, best engine value) per engine batch; the session's progress hears of
+every evaluation). `result.detail` is an `Allocated`
+whose scores are the surrogate's ladder Shapley values summed up each ladder;
+`result.info["engine"]` has the search log (value curve, rounds, R^2, interactions).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from smpq.engine.loop import EngineConfig, EngineResult, min_evaluations, run_engine
+from smpq.engine.space import PolicySpace
+from smpq.errors import SmpqError
+from smpq.fileio import atomic_write_text
+from smpq.strategy import SearchProblem, StrategyResult, register
+
+__all__ = ["DEFAULT_EVALUATIONS", "DEFAULT_PRIORS", "METRICS", "NAME", "VALUE_SPLITS",
+           "ladder_order", "policy_space", "shapley_loop"]
+
+NAME = "shapley-loop"
+# One evaluation is one forward over the calibration text: on SmolLM2-135M with 2,048 tokens
+# about 8-10 s on a loaded 2-core machine (benchmarks/results/llm_real_smoke.md), so 24
+# evaluations (priors included) take 3-4 minutes there, and seconds on small models.
+DEFAULT_EVALUATIONS = 24
+DEFAULT_PRIORS = ("fisher", "uniform")
+VALUE_SPLITS = ("calib", "val")  # the calibration blocks (default) or the validation split
+METRICS = ("neg_kl", "neg_nll")  # engine value: -log KL to float, or -NLL (causal LMs)
+
+
+def ladder_order(costs: dict[str, list[np.ndarray]]) -> np.ndarray:
+    """Candidate indices from cheapest to richest (stable), by the summed size of all groups
+    (avg_bits when size is absent); a ladder must climb in cost."""
+    metric = "size" if "size" in costs else next(iter(costs))
+    total = np.sum([np.asarray(r, float) for r in costs[metric]], axis=0)
+    return np.argsort(total, kind="stable")
+
+
+def policy_space(session: Any, budget: Any, resolved: Any) -> tuple[PolicySpace, np.ndarray]:
+    """(the engine's view of the session under `budget`, ladder level -> candidate index).
+
+    Costs come from `session.budget_costs` (one resolution: unit limits bound the groups'
+    sum); the space holds full-total limits, with offset = full limit - unit limit."""
+    costs, unit_limits, _ = session.budget_costs(budget, resolved)
+    order = ladder_order(costs)
+    full = {m: float(v) for m, v in resolved.limits.items()}
+    offsets = {m: full[m] - float(unit_limits[m]) for m in full}
+    names = tuple(g[0] if len(g) == 1 else f"{g[0]}+{len(g) - 1}" for g in session.groups)
+    per_unit = {m: tuple(np.asarray(r, float)[order] for r in rows) for m, rows in costs.items()}
+    grid = ((len(order),),) * len(names)
+    return PolicySpace(names, grid, per_unit, offsets, full, ("w",)), order
+
+
+def _priors(p: SearchProblem, resolved: Any) -> tuple[list[tuple[str, tuple[int, ...]]], dict]:
+    """(name, candidate choice) of every prior strategy, and their summed scoring cost."""
+    from smpq import strategy
+
+    out, cost = [], {"seconds": 0.0, "forward_passes": 0, "backward_passes": 0}
+    for name in p.options.get("priors", DEFAULT_PRIORS):
+        if name == NAME:
+            raise SmpqError(f"{NAME} cannot be its own prior")
+        opts = {k: v for k, v in p.options.items() if k in ("config",)} | {"resolved": resolved}
+        res = strategy.get(name, "transformer")(SearchProblem(
+            p.model, p.cost, p.budget, p.w_specs, seed=p.seed, options=opts))
+        out.append((name, tuple(int(c) for c in res.detail.choice)))
+        for k in cost:
+            cost[k] += res.detail.cost.get(k, 0)
+    return out, cost
+
+
+def _session_priors(p: SearchProblem, resolved: Any, ckpt: Path | None, resume: bool
+                    ) -> tuple[list[tuple[str, tuple[int, ...]]], dict]:
+    """The priors, computed or (on resume) read back; with a checkpoint, what the session is
+    (model weights, calibration text, candidates: `PTQSession.fingerprint`) is saved beside
+    it, and a resume on another session is refused (the engine's own fingerprint covers the
+    space and settings, not the data its values came from)."""
+    names = list(p.options.get("priors", DEFAULT_PRIORS))
+    if ckpt is None:
+        return _priors(p, resolved)
+    side = ckpt.with_suffix(".session.json")
+    session = json.loads(json.dumps(p.model.fingerprint(), default=str))
+    if resume and (ckpt.is_file() or side.is_file()):
+        try:
+            saved = json.loads(side.read_text())
+        except (OSError, ValueError):
+            saved = None
+        same = isinstance(saved, dict) and saved.get("session") == session
+        if not same and ckpt.is_file():
+            raise SmpqError(f"the checkpoint {ckpt} belongs to another model, calibration text "
+                            "or candidate set; use a fresh --out or drop --resume")
+        if same and saved.get("prior_names") == names:
+            return [(n, tuple(c)) for n, c in saved["priors"]], saved["prior_cost"]
+    priors, cost = _priors(p, resolved)
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(side, json.dumps({"session": session, "prior_names": names,
+                                        "priors": [[n, list(c)] for n, c in priors],
+                                        "prior_cost": cost}) + "\n")
+    return priors, cost
+
+
+class _Value:
+    """The engine's value of a batch of ladder choices, with the forward passes timed."""
+
+    def __init__(self, session: Any, order: np.ndarray, split: str = "calib",
+                 metric: str = "neg_kl", planned: int = 0):
+        self.s, self.order, self.split, self.metric = session, order, split, metric
+        self.planned = planned
+        self.keys = session.candidates.keys
+        self.calls, self.seconds, self.pending = 0, 0.0, 0
+        self.seen: dict[tuple[int, ...], float] = {}  # ladder choice -> engine value
+
+    def assignment(self, levels: np.ndarray) -> dict[str, str]:
+        return {n: self.keys[self.order[k]] for g, k in zip(self.s.groups, levels, strict=True)
+                for n in g}
+
+    def raw(self, levels: np.ndarray) -> float:
+        """The value of one ladder choice on the split: the session's (-KL, or -(1 - cosine)
+        for encoders) or, with neg_nll, minus the mean next-token NLL."""
+        self.s.swapper.set(self.assignment(levels))
+        start = time.perf_counter()
+        if self.metric == "neg_nll":
+            from smpq.transformer.values import nll
+
+            v = -nll(self.s.model, self.s.refs[self.split].blocks, self.s.settings.batch_size)
+        else:
+            v = float(self.s.value(self.split))
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        self.pending += 1
+        # per evaluation (the engine reports per batch, and a screening batch takes minutes)
+        self.s.progress(NAME, min(len(self.seen) + self.pending, self.planned), self.planned)
+        return v
+
+    def __call__(self, choices: np.ndarray) -> np.ndarray:
+        self.pending = 0
+        raw = [self.raw(c) for c in choices]
+        out = np.array(raw if self.metric == "neg_nll" else
+                       [-math.log(max(-v, 0.0) + 1e-9) for v in raw])
+        self.pending = 0
+        self.seen.update({tuple(int(x) for x in c): float(v) for c, v in zip(choices, out,
+                                                                             strict=True)})
+        return out
+
+    def load(self, checkpoint: Path | None) -> None:
+        """Values a resumed search evaluated before the kill (for the log only)."""
+        if checkpoint is None or not checkpoint.is_file():
+            return
+        try:
+            st = json.loads(checkpoint.read_text())
+            self.seen.update({tuple(c): float(v) for c, v in zip(st["choices"], st["values"],
+                                                                 strict=True)})
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # run_engine reports an unreadable checkpoint
+
+
+@register(NAME, kind="transformer")
+def shapley_loop(p: SearchProblem) -> StrategyResult:
+    from smpq.transformer.mixed import choice_policy, spec_key
+    from smpq.transformer.strategies import Allocated
+
+    if p.budget is None:
+        raise SmpqError(f"{NAME} needs a budget")
+    s, o = p.model, p.options
+    start = time.perf_counter()
+    resolved = o.get("resolved") or s.resolve(p.budget)
+    space, order = policy_space(s, p.budget, resolved)
+    cfg = EngineConfig(evaluations=int(o.get("n_evaluations", DEFAULT_EVALUATIONS)),
+                       top_k=o.get("top_k", 4), seed=p.seed,
+                       screen_fraction=float(o.get("screen_fraction", 0.3)),
+                       patience=int(o.get("patience", 8)))
+    split = o.get("value_split", "calib")
+    if split not in VALUE_SPLITS:
+        raise SmpqError(f"unknown value split {split!r} for {NAME}; known: "
+                        f"{', '.join(VALUE_SPLITS)}")
+    if o.get("metric", "neg_kl") not in METRICS:
+        raise SmpqError(f"unknown value metric {o.get('metric')!r} for {NAME}; known: "
+                        f"{', '.join(METRICS)}")
+    if o.get("metric") == "neg_nll" and s.kind != "causal_lm":
+        raise SmpqError(f"the neg_nll value of {NAME} needs a causal LM")
+    space.check_feasible()
+    need = min_evaluations(space, cfg)
+    if cfg.evaluations < need:  # before the priors spend anything
+        raise SmpqError(f"an evaluation budget of {cfg.evaluations} is below the {need} one "
+                        f"screening and one round need")
+    metric = o.get("metric", "neg_kl")
+    out = o.get("out")
+    tag = "".join(f"_{x}" for x, default in ((split, "calib"), (metric, "neg_kl"))
+                  if x != default)
+    ckpt = Path(out) / f"engine_state{tag}.json" if out is not None else None  # per value
+    resume = bool(o.get("resume", False))
+    priors, prior_cost = _session_priors(p, resolved, ckpt, resume)
+    rank = np.argsort(order)  # candidate index -> ladder level
+    initial = np.array([[rank[c] for c in choice] for _, choice in priors], dtype=np.int64)
+    value = _Value(s, order, split, metric, cfg.evaluations)
+    if resume:
+        value.load(ckpt)
+    outer = o.get("progress")
+
+    try:
+        res = run_engine(space, value, cfg, checkpoint=ckpt, resume=resume, progress=outer,
+                         initial=initial if len(initial) else None)
+    finally:
+        s.swapper.restore()
+    choice = tuple(int(order[k]) for k in res.choice)
+    cost = {"seconds": time.perf_counter() - start,  # the priors' scoring included
+            "forward_passes": value.calls + prior_cost["forward_passes"],
+            "backward_passes": prior_cost["backward_passes"],
+            "forward_seconds": value.seconds, "evaluations": res.evaluations,
+            "prior_seconds": prior_cost["seconds"], "stopped": res.stopped,
+            "value_split": split, "metric": metric}
+    policy = choice_policy(s.groups, s.specs, choice, meta={
+        "method": NAME, "backend": s.backend, "budget": str(p.budget), "model": s.model_name,
+        "candidates": [spec_key(x) for x in s.specs], "seed": p.seed})
+    prior_values = {n: value.seen.get(tuple(int(rank[c]) for c in ch)) for n, ch in priors}
+    info = {"search_cost": cost, "binding": [],
+            "engine": engine_log(res, space, order, s.specs, cfg, priors, prior_values)}
+    return StrategyResult(NAME, policy, cost["seconds"], cost["forward_passes"], value.seconds,
+                          info, detail=Allocated(choice, choice, _scores(res, order), None, None,
+                                                 cost))
+
+
+def _scores(res: EngineResult, order: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per group, per candidate (candidate order): the surrogate's ladder Shapley values
+    summed up the ladder (0 at the cheapest), as `choice_scores` does for the game."""
+    n_levels = len(order)
+    phi = np.asarray(res.shapley, float).reshape(-1, n_levels - 1)
+    out = []
+    for row in phi:
+        by_level = np.concatenate([[0.0], np.cumsum(row)])
+        scores = np.empty(n_levels)
+        scores[order] = by_level
+        out.append(scores)
+    return tuple(out)
+
+
+def engine_log(res: EngineResult, space: PolicySpace, order: np.ndarray, specs: Any,
+               cfg: EngineConfig, priors: list, prior_values: dict) -> dict:
+    """What contributions.json and summary.json show of the search (JSON-able)."""
+    from smpq.transformer.mixed import spec_key
+
+    keys = [spec_key(specs[i]) for i in order]
+    players = [{"group": u, "unit": space.units[u], "step": f"{keys[k - 1]}->{keys[k]}",
+                "estimate": phi, "stderr": se}
+               for (u, _, k), phi, se in zip(space.players, res.shapley, res.shapley_se,
+                                             strict=True)]
+    return {"method": NAME, "value": "-log KL (encoders: -log cosine distance) or -NLL",
+            "best_value": res.value, "evaluations": res.evaluations, "stopped": res.stopped,
+            "r2_cv": res.r2_cv, "value_curve": res.history, "rounds": res.rounds,
+            "priors": {n: {"choice": list(c), "value": prior_values.get(n)}
+                       for n, c in priors},
+            "players": players, "interactions": res.interactions, "config": asdict(cfg)}
