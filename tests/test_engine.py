@@ -270,3 +270,22 @@ def test_engine_evaluates_initial_policies_first_and_skips_infeasible_ones():
     assert not sp.fits(np.array(bad))[0]
     run_engine(sp, record, EngineConfig(evaluations=20, seed=0), initial=np.array([bad, good]))
     assert seen[0] == good and bad not in seen
+
+
+@pytest.mark.parametrize("r", [1, 2])
+def test_trust_region_enumeration_matches_the_region_milp(r):
+    from smpq.engine.loop import _region_topk
+
+    sp = cnn_like(3, 3, seed=5, frac=0.6)
+    value = planted(sp, seed=6)
+    pol = sp.random_ladder(np.random.default_rng(1), 40)
+    m = fit_model(sp, pol, value(pol))
+    lin, quad = m.choice_tables(sp)
+    centre = tuple(int(x) for x in sp.random_maximal(np.random.default_rng(2), 1)[0])
+    skip = {centre}
+    got = _region_topk(sp, m, centre, r, 3, skip)
+    milp = quadratic_topk(sp, lin, quad, k=3, exclude=[centre], near=(centre, r))
+    assert np.allclose(quadratic_value(lin, quad, np.array(got)),
+                       quadratic_value(lin, quad, np.array(milp)), atol=1e-7)
+    assert all(sum(a != b for a, b in zip(c, centre, strict=True)) <= r for c in got)
+    assert sp.fits(np.array(got)).all() and centre not in got

@@ -20,6 +20,7 @@ so a killed search resumes where it stopped and reaches the same policy.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import time
@@ -149,6 +150,46 @@ def _best(space: PolicySpace, st: _State) -> tuple[tuple[int, ...] | None, float
     return best, val
 
 
+MAX_REGION = 20_000  # trust regions up to this many policies are enumerated, not solved
+
+
+def _region(space: PolicySpace, centre: tuple[int, ...], r: int) -> np.ndarray | None:
+    """Every policy that changes at most r units of `centre` (None past MAX_REGION)."""
+    sizes = [space.n_choices(u) for u in range(space.n_units)]
+    count = 0
+    for j in range(1, r + 1):
+        count += sum(math.prod(s - 1 for s in units)
+                     for units in itertools.combinations(sizes, j))
+        if count > MAX_REGION:
+            return None
+    rows = [np.array(centre, dtype=np.int64)]
+    for j in range(1, r + 1):
+        for units in itertools.combinations(range(space.n_units), j):
+            alts = [[c for c in range(sizes[u]) if c != centre[u]] for u in units]
+            for combo in itertools.product(*alts):
+                row = np.array(centre, dtype=np.int64)
+                row[list(units)] = combo
+                rows.append(row)
+    return np.stack(rows)
+
+
+def _region_topk(space: PolicySpace, model: QuadraticModel, centre: tuple[int, ...], r: int,
+                 k: int, skip: set) -> list[tuple[int, ...]] | None:
+    """The k best-predicted feasible policies within r units of `centre` not in `skip`, by
+    enumeration: the same answer as the region-restricted MILP (ties aside), far cheaper
+    for small regions; None when the region is too large to enumerate."""
+    cand = _region(space, centre, r)
+    if cand is None:
+        return None
+    cand = cand[space.fits(cand)]
+    keep = [i for i, c in enumerate(map(tuple, cand.tolist())) if c not in skip]
+    if not keep:
+        return []
+    cand = cand[keep]
+    order = np.argsort(-model.predict(space, cand), kind="stable")[:k]
+    return [tuple(int(x) for x in cand[i]) for i in order]
+
+
 RESELECT = 1.25  # choose the surrogate's hyper-parameters again once the data grew this much
 
 
@@ -241,9 +282,13 @@ def run_engine(space: PolicySpace, evaluate: Evaluate, config: EngineConfig | No
         local: list[tuple[int, ...]] = []
         if best_before is not None and want > len(picks):
             while not local and st.radius <= space.n_units:
-                local = quadratic_topk(space, linear, quad, k=want - len(picks),
-                                       exclude=[*st.choices, *picks], time_limit=cfg.time_limit,
-                                       near=(best_before, st.radius))
+                skip = [*st.choices, *picks]
+                local = _region_topk(space, model, best_before, st.radius, want - len(picks),
+                                     set(skip))
+                if local is None:  # too many policies to enumerate: the MILP on the region
+                    local = quadratic_topk(space, linear, quad, k=want - len(picks),
+                                           exclude=skip, time_limit=cfg.time_limit,
+                                           near=(best_before, st.radius))
                 if not local:  # the region is used up: widen it
                     st.radius += 1
         picks += local
