@@ -34,3 +34,20 @@ def tiny():
 def images():
     g = torch.Generator().manual_seed(1)
     return torch.randn(16, 1, 8, 8, generator=g)
+
+
+def save_tiny_llama(folder, layers: int = 2, max_positions: int = 64):
+    """A random 2-layer Llama (32 wide) with the byte tokenizer, saved as a local HF folder."""
+    import torch
+    import transformers
+
+    from smpq.transformer.tiny_lm import ByteTokenizer
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=ByteTokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+        max_position_embeddings=max_positions, tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(str(folder))
+    ByteTokenizer().save(folder)
+    return folder

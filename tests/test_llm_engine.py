@@ -18,13 +18,13 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
+from conftest import save_tiny_llama  # noqa: E402
 from smpq import strategy  # noqa: E402
 from smpq.cost import Budget  # noqa: E402
 from smpq.errors import SmpqError  # noqa: E402
 from smpq.strategy import SearchProblem  # noqa: E402
 from smpq.transformer.mixed import MixedConfig, choice_policy  # noqa: E402
 from smpq.transformer.run import PTQSession, RunSettings, run_ptq  # noqa: E402
-from smpq.transformer.tiny_lm import ByteTokenizer  # noqa: E402
 from smpq.transformer.values import kl_to_float  # noqa: E402
 
 CANDS = "int2g32,int4g32,int8g32"
@@ -44,14 +44,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def session(tmp_path_factory):
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("llama")
-    cfg = transformers.LlamaConfig(
-        vocab_size=ByteTokenizer.vocab_size, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-        max_position_embeddings=64, tie_word_embeddings=False)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(str(folder))
-    ByteTokenizer().save(folder)
+    folder = save_tiny_llama(tmp_path_factory.mktemp("llama"), layers=2, max_positions=64)
     return PTQSession(str(folder), "rtn", CANDS, SMALL).prepare()
 
 

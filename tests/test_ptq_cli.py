@@ -13,6 +13,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
+from conftest import save_tiny_llama  # noqa: E402
 from smpq.cli import main  # noqa: E402
 from smpq.errors import SmpqError  # noqa: E402
 from smpq.transformer import run as run_mod  # noqa: E402
@@ -32,15 +33,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("llama")
-    cfg = transformers.LlamaConfig(
-        vocab_size=ByteTokenizer.vocab_size, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
-        max_position_embeddings=256, tie_word_embeddings=False)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(str(path))
-    ByteTokenizer().save(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("llama"), layers=1, max_positions=256)
 
 
 def _cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
