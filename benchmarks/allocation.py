@@ -552,24 +552,29 @@ def plot(res: dict, path: Path) -> None:
             rs = _rows(runs, method=m, budget=lab)
             if not rs:
                 continue
+            per_seed = {}
+            for r in rs:  # each seed's longest run; a run that stopped early stays flat
+                if len(r["curve"]) >= len(per_seed.get(r["seed"], {"curve": ()})["curve"]):
+                    per_seed[r["seed"]] = r
             longest = max(len(r["curve"]) for r in rs)
-            rs = [r for r in rs if len(r["curve"]) == longest]
             if m == "clado" or not longest:
                 for r in rs:
                     ax.plot(r["evaluations"], r["kl"], "s", color="tab:red",
                             label="clado" if r is rs[0] else None)
                 continue
-            c = np.array([_curve(r) for r in rs])
+            c = np.array([np.pad(_curve(r), (0, longest - len(r["curve"])), mode="edge")
+                          for r in per_seed.values() if r["curve"]])
             c[~np.isfinite(c)] = np.nan
             ax.plot(np.arange(1, longest + 1), np.nanmean(c, axis=0), label=m)
         for m in NATURAL:
             rs = _rows(runs, method=m, budget=lab)
             if rs:
-                ax.plot(max(r["evaluations"] for r in rs), np.mean([r["kl"] for r in rs]), "x",
-                        label=m)
+                ax.plot(max([1] + [r["evaluations"] for r in rs]),
+                        np.mean([r["kl"] for r in rs]), "x", label=m)
         if oracle_kl is not None:
             ax.axhline(oracle_kl, color="grey", ls="--", lw=1, label="oracle")
-        ax.set(xscale="log", xlabel="evaluations", ylabel="best -log KL found", title=title)
+        ax.set(xscale="log", xlabel="evaluations (markers at 1: none)",
+               ylabel="best -log KL found (mean over seeds)", title=title)
         ax.title.set_fontsize(9)
         ax.legend(fontsize=7)
     fig.tight_layout()
