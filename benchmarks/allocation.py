@@ -428,7 +428,15 @@ def summarise(res: dict) -> dict:
             "large_margin_vs_evolution_min_pt": min(margins["evolution"], default=None),
             "evals_to_match_random_1000": max(to_match, default=None),  # inf -> null
             "_not_matched_within": unmatched,
-            "llm_ppl_ratio_vs_best_other_max": None}
+            "llm_ppl_ratio_vs_best_other_max": _llm_ratio()}
+
+
+def _llm_ratio() -> float | None:
+    """Part 3 (transformers) runs as benchmarks/allocation_llm.py; its summary feeds ours."""
+    path = RESULTS / "allocation_llm.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())["summary"]["llm_ppl_ratio_vs_best_other_max"]
 
 
 def _ms(xs, scale=1.0, nd=2) -> str:
@@ -457,9 +465,9 @@ def markdown(res: dict) -> str:
              "longest run needed to reach random's best at the largest evaluation budget (null: "
              "not reached on some seeds; lengths of those runs: "
              f"{res.get('summary_notes', {}).get('not_matched_within', [])}). "
-             "`llm_ppl_ratio_vs_best_other_max` is null: the transformer part was not run "
-             "(no transformer strategy of the engine is registered in this tree, and the CPU "
-             "time went to the CNN parts).", "",
+             "`llm_ppl_ratio_vs_best_other_max` comes from the transformer part, "
+             "`benchmarks/allocation_llm.py` (tiny LM, RTN, 3 seeds; see allocation_llm.md), "
+             "null when that has not been run.", "",
              "Accuracy in points (%), mean ± std over seeds " + str(s["seeds"]) + "; values "
              "are post-training (calibrated fake quantization, calibration seed 0, one "
              "evaluator shared by every method). -log KL: the search objective (higher is "

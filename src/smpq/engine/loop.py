@@ -51,7 +51,7 @@ class EngineConfig:
     screen_fraction: float = 0.3
     frontier_share: float = 0.5
     top_k: int = 4
-    patience: int = 8
+    patience: int = 20
     bootstrap: int = 20
     seed: int = 0
     time_limit: float = 30.0

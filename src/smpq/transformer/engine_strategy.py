@@ -16,7 +16,7 @@ Options (SearchProblem.options): n_evaluations (default DEFAULT_EVALUATIONS), to
 priors (names of registered transformer strategies), value_split ("calib", the default, or
 "val": the validation split, held out from what the priors' scores saw), metric ("neg_kl",
 the default, or "neg_nll": minus the mean next-token NLL, closer to perplexity), screen_fraction
-(0.3), patience (8),
+(0.3), patience (20),
 resolved (the session's ResolvedBudget), out (folder for engine_state.json, and beside it
 engine_state.session.json: the session's fingerprint and the priors, so a resume neither
 scores them again nor continues on another model or text) and resume, progress (called
@@ -195,7 +195,7 @@ def shapley_loop(p: SearchProblem) -> StrategyResult:
     cfg = EngineConfig(evaluations=int(o.get("n_evaluations", DEFAULT_EVALUATIONS)),
                        top_k=o.get("top_k", 4), seed=p.seed,
                        screen_fraction=float(o.get("screen_fraction", 0.3)),
-                       patience=int(o.get("patience", 8)))
+                       patience=int(o.get("patience", 20)))
     split = o.get("value_split", "calib")
     if split not in VALUE_SPLITS:
         raise SmpqError(f"unknown value split {split!r} for {NAME}; known: "

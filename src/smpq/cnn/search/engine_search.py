@@ -78,7 +78,7 @@ def shapley_loop(p: SearchProblem) -> StrategyResult:
     cfg = EngineConfig(evaluations=int(o.get("n_evaluations", DEFAULT_EVALUATIONS)),
                        top_k=o.get("top_k", 4), seed=p.seed,
                        screen_fraction=float(o.get("screen_fraction", 0.3)),
-                       patience=int(o.get("patience", 8)))
+                       patience=int(o.get("patience", 20)))
     space, tables, meter, ev = _setup(p.model, p.cost, p.budget, p.train, p.val,
                                       _ordered(p.w_specs), _ordered(p.a_specs), p.fixed,
                                       o.get("val_samples"), p.seed, o.get("evaluator"))
