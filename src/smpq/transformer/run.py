@@ -45,11 +45,16 @@ import torch
 
 from smpq import strategy
 from smpq.alloc import Allocation
-from smpq.cost import Budget, ModelCost, ResolvedBudget
+from smpq.cost import Budget, ResolvedBudget
 from smpq.errors import SmpqError
 from smpq.fileio import atomic_write_text, output_dir
 from smpq.shapley import ShapleyResult
 from smpq.strategy import SearchProblem
+from smpq.transformer.inputs import check_budget_early as _check_budget_early
+from smpq.transformer.inputs import encode_pairs as _encode_pairs
+from smpq.transformer.inputs import lm_blocks as _lm_blocks
+from smpq.transformer.inputs import load_model as _load
+from smpq.transformer.inputs import model_cost as _model_cost
 from smpq.transformer.mixed import (
     DEFAULT_CANDIDATES,
     MixedConfig,
@@ -123,110 +128,6 @@ def _digest(*tensors: torch.Tensor) -> str:
     for t in tensors:
         h.update(t.detach().contiguous().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def _model_cost(model: torch.nn.Module) -> tuple[dict[str, torch.nn.Module], ModelCost]:
-    """The linear layers smpq quantizes and their costs (the rest counts as float params)."""
-    from smpq.transformer.models import linear_layers
-
-    linears = linear_layers(model)
-    quant = {id(p) for m in linears.values() for p in (m.weight, m.bias) if p is not None}
-    other = sum(p.numel() for p in model.parameters() if id(p) not in quant)
-    return linears, ModelCost.from_linears(linears, other_params=other)
-
-
-def _check_budget_early(model: str, budget: Budget, candidates: str | list) -> None:
-    """An impossible budget on the tiny LM fails before it is trained (minutes on a CPU): its
-    layer shapes come from the config, through an untrained model of the same shape."""
-    if model != "tiny-lm":  # other models load without training; PTQSession.resolve checks
-        return
-    from smpq.spec import LayerChoice
-    from smpq.transformer.tiny_lm import TinyLMConfig, build_tiny_lm
-
-    linears, cost = _model_cost(build_tiny_lm(TinyLMConfig()))
-    specs = parse_candidates(candidates)
-    budget.resolve(cost, {n: [LayerChoice(s, None) for s in specs] for n in linears})
-
-
-def _check_architecture(folder: Path) -> None:
-    """One line, before any weight is read, for a config transformers cannot build."""
-    from smpq.transformer.models import require_transformers
-
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        return  # load_local names the missing config.json
-    try:
-        model_type = json.loads(cfg_path.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-        return  # load_local reports an unreadable config
-    known = require_transformers().CONFIG_MAPPING
-    if model_type is None or model_type not in known:
-        raise SmpqError(f"unsupported architecture {model_type!r} in {folder / 'config.json'}: "
-                        "this transformers version cannot build it (smpq quantizes Llama-style "
-                        "decoders such as llama/mistral/qwen2 and BERT-style encoders)")
-
-
-def _load(model: str, cache_dir: str) -> tuple[torch.nn.Module, Any, str]:
-    from smpq.transformer.models import load_local, resolve_model
-
-    folder, kind = resolve_model(model, cache_dir)
-    _check_architecture(folder)
-    m, tok = load_local(folder, kind)
-    if tok is None:
-        raise SmpqError(f"model {model!r} has no tokenizer files; smpq needs one for its data")
-    causal = type(m).__name__.endswith(("ForCausalLM", "LMHeadModel"))
-    return m, tok, "causal_lm" if causal else "encoder"
-
-
-def _lm_blocks(tok: Any, s: RunSettings) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """{split: token blocks} of a causal LM and where they came from (module docstring)."""
-    from smpq.transformer.data import stdlib_corpus, token_blocks
-    from smpq.transformer.tiny_lm import ByteTokenizer
-
-    sizes = {"calibration": s.n_calib_blocks, "validation": s.val_blocks,
-             "test": s.test_blocks}
-    source, note = s.text, None
-    if source == "auto":
-        source = "stdlib"
-        if not isinstance(tok, ByteTokenizer):
-            from smpq.transformer.wiki import GENSIM_INSTALL, wiki_source
-
-            try:
-                wiki_source()
-                source = "wikipedia"
-            except SmpqError:
-                note = (f"Wikipedia text needs gensim's test data ({GENSIM_INSTALL}); "
-                        "using the Python stdlib split")
-    if source == "wikipedia":
-        from smpq.transformer.wiki import wiki_blocks
-
-        blocks = {k: wiki_blocks(tok, k, s.block, n) for k, n in sizes.items()}
-    else:
-        corpus = stdlib_corpus()
-        blocks = {k: token_blocks(corpus[k], tok, s.block, n) for k, n in sizes.items()}
-    info = {"text": source, "calibration": source}
-    if s.calib_text is not None:
-        from smpq.transformer.wiki import calib_text_blocks
-
-        blocks["calibration"] = calib_text_blocks(s.calib_text, tok,
-                                                  s.n_calib_blocks * s.block, s.block)
-        info["calibration"] = str(s.calib_text)
-    if note:
-        info["note"] = note
-        log.warning(note)
-    return blocks, info
-
-
-def _encode_pairs(tok: Any, task: Any, size: int, max_length: int) -> list[tuple[dict, dict]]:
-    """(queries, documents) token batches of `size` pairs for the contrastive gradient loss."""
-
-    def enc(texts: Any) -> dict:
-        return dict(tok(list(texts), padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt"))
-
-    n = len(task.queries)
-    return [(enc(task.queries[i:i + size]), enc(task.documents[i:i + size]))
-            for i in range(0, n, size)]
 
 
 class PTQSession:
