@@ -51,3 +51,20 @@ def save_tiny_llama(folder, layers: int = 2, max_positions: int = 64):
     transformers.LlamaForCausalLM(cfg).save_pretrained(str(folder))
     ByteTokenizer().save(folder)
     return folder
+
+
+def bitops_ladder_space(n_units: int, levels: int, seed: int, frac: float):
+    """Units with (weight, activation) ladders of bits 2/3/4/8, a BitOps-like product cost per
+    unit, and one limit `frac` of the way from the cheapest to the richest policy."""
+    import numpy as np
+
+    from smpq.engine.space import PolicySpace
+
+    rng = np.random.default_rng(seed)
+    macs = rng.uniform(1, 4, n_units)
+    b = np.array([2, 3, 4, 8])[:levels]
+    costs = tuple(np.array([m * b[i] * b[j] for i in range(levels) for j in range(levels)])
+                  for m in macs)
+    lo, hi = sum(c.min() for c in costs), sum(c.max() for c in costs)
+    return PolicySpace(tuple(f"l{u}" for u in range(n_units)), ((levels, levels),) * n_units,
+                       {"bitops": costs}, {}, {"bitops": lo + frac * (hi - lo)}, ("w", "a"))

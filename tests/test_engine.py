@@ -8,25 +8,17 @@ import math
 import numpy as np
 import pytest
 
+from conftest import bitops_ladder_space
 from smpq.engine.loop import EngineConfig, run_engine
 from smpq.engine.model import fit_model
 from smpq.engine.solve import quadratic_topk, quadratic_value
 from smpq.engine.space import PolicySpace
 from smpq.errors import SmpqError
 
-BITS = np.array([2, 3, 4, 8])
-
 
 def cnn_like(n_units: int = 4, levels: int = 3, seed: int = 0, frac: float = 0.6) -> PolicySpace:
     """Units with (weight, activation) ladders and a BitOps-like product cost."""
-    rng = np.random.default_rng(seed)
-    macs = rng.uniform(1, 4, n_units)
-    b = BITS[:levels]
-    costs = tuple(np.array([m * b[i] * b[j] for i in range(levels) for j in range(levels)])
-                  for m in macs)
-    lo, hi = sum(c.min() for c in costs), sum(c.max() for c in costs)
-    return PolicySpace(tuple(f"l{u}" for u in range(n_units)), ((levels, levels),) * n_units,
-                       {"bitops": costs}, {}, {"bitops": lo + frac * (hi - lo)}, ("w", "a"))
+    return bitops_ladder_space(n_units, levels, seed, frac)
 
 
 def planted(space: PolicySpace, seed: int = 1):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import bitops_ladder_space
 from smpq import strategy
 from smpq.cnn.search.evolution import aging_evolution, clado, clado_objective, mutate
 from smpq.cost import Budget, trace_costs
@@ -16,19 +17,10 @@ from smpq.errors import SmpqError
 from smpq.spec import act_spec, weight_spec
 from smpq.strategy import SearchProblem
 
-BITS = np.array([2, 3, 4, 8])
-
 
 def space_of(n_units: int = 4, levels: int = 3, seed: int = 0, frac: float = 0.5) -> PolicySpace:
     """(weight, activation) ladders per unit with a BitOps-like product cost and one limit."""
-    rng = np.random.default_rng(seed)
-    macs = rng.uniform(1, 4, n_units)
-    b = BITS[:levels]
-    costs = tuple(np.array([m * b[i] * b[j] for i in range(levels) for j in range(levels)])
-                  for m in macs)
-    lo, hi = sum(c.min() for c in costs), sum(c.max() for c in costs)
-    return PolicySpace(tuple(f"l{u}" for u in range(n_units)), ((levels, levels),) * n_units,
-                       {"bitops": costs}, {}, {"bitops": lo + frac * (hi - lo)}, ("w", "a"))
+    return bitops_ladder_space(n_units, levels, seed, frac)
 
 
 def all_policies(space: PolicySpace) -> np.ndarray:

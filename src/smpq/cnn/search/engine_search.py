@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from smpq.cnn.search.harness import CostTables, SearchSpace
+from smpq.cnn.search.harness import CostTables, Meter, PolicyEvaluator, SearchSpace
 from smpq.cnn.search.oracle import _setup
 from smpq.cnn.search.tasks import policy_evaluator, track
 from smpq.engine.loop import EngineConfig, run_engine
@@ -67,22 +67,36 @@ def _ordered(specs):
     return sorted(specs, key=lambda s: (s.bits, repr(s)))
 
 
+def checked_metric(p: SearchProblem, name: str) -> str:
+    """The value metric of a strategy that scores deployed policies; one-line errors for a
+    missing budget or an unknown metric (shared by shapley-loop, evolution and clado)."""
+    if p.budget is None:
+        raise SmpqError(f"{name} needs a budget")
+    metric = p.options.get("metric", "neg_kl")
+    if metric not in METRICS:
+        raise SmpqError(f"unknown value metric {metric!r} for {name}; known: {', '.join(METRICS)}")
+    return metric
+
+
+def deployed_setup(p: SearchProblem) -> tuple[SearchSpace, Meter, PolicyEvaluator, PolicySpace]:
+    """The search space over candidates ordered by bits, a meter, the policy evaluator and the
+    engine's view of the space: what every strategy on deployed policies starts from."""
+    o = p.options
+    space, tables, meter, ev = _setup(p.model, p.cost, p.budget, p.train, p.val,
+                                      _ordered(p.w_specs), _ordered(p.a_specs), p.fixed,
+                                      o.get("val_samples"), p.seed, o.get("evaluator"))
+    return space, meter, ev, policy_space(space, tables)
+
+
 @register(NAME, kind="cnn")
 def shapley_loop(p: SearchProblem) -> StrategyResult:
-    if p.budget is None:
-        raise SmpqError(f"{NAME} needs a budget")
     o = p.options
-    metric = o.get("metric", "neg_kl")
-    if metric not in METRICS:
-        raise SmpqError(f"unknown value metric {metric!r} for {NAME}; known: {', '.join(METRICS)}")
+    metric = checked_metric(p, NAME)
     cfg = EngineConfig(evaluations=int(o.get("n_evaluations", DEFAULT_EVALUATIONS)),
                        top_k=o.get("top_k", 4), seed=p.seed,
                        screen_fraction=float(o.get("screen_fraction", 0.3)),
                        patience=int(o.get("patience", 20)))
-    space, tables, meter, ev = _setup(p.model, p.cost, p.budget, p.train, p.val,
-                                      _ordered(p.w_specs), _ordered(p.a_specs), p.fixed,
-                                      o.get("val_samples"), p.seed, o.get("evaluator"))
-    pspace = policy_space(space, tables)
+    space, meter, ev, pspace = deployed_setup(p)
     out = o.get("out")
     ckpt = Path(out) / "engine_state.json" if out is not None else None
     if ckpt is not None:

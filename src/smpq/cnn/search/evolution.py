@@ -35,8 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from smpq import alloc
-from smpq.cnn.search.engine_search import METRICS, _engine_value, _ordered, policy_space
-from smpq.cnn.search.oracle import _setup
+from smpq.cnn.search.engine_search import _engine_value, checked_metric, deployed_setup
 from smpq.engine.space import PolicySpace
 from smpq.errors import SmpqError
 from smpq.strategy import SearchProblem, StrategyResult, register
@@ -60,11 +59,6 @@ def feasible_sample(space: PolicySpace, n: int, rng: np.random.Generator) -> np.
     limits = {m: float(lim) - off[m] for m, lim in space.limits.items()}
     scales = {m: abs(float(lim)) for m, lim in space.limits.items()}
     return alloc.sample_feasible(costs, limits, n, rng, scales=scales)
-
-
-def _check_metric(metric: str, name: str) -> None:
-    if metric not in METRICS:
-        raise SmpqError(f"unknown value metric {metric!r} for {name}; known: {', '.join(METRICS)}")
 
 
 # ---------------------------------------------------------------------------- evolution
@@ -165,15 +159,10 @@ def aging_evolution(space: PolicySpace, evaluate: Evaluate, n_evaluations: int =
 def evolution_strategy(p: SearchProblem) -> StrategyResult:
     """Options: n_evaluations (300), population (20), sample (5), metric ("neg_kl"; values
     are compared as shapley-loop compares them, -log KL), val_samples, evaluator."""
-    if p.budget is None:
-        raise SmpqError("evolution needs a budget")
     o = p.options
-    metric = o.get("metric", "neg_kl")
-    _check_metric(metric, "evolution")
-    space, tables, meter, ev = _setup(p.model, p.cost, p.budget, p.train, p.val,
-                                      _ordered(p.w_specs), _ordered(p.a_specs), p.fixed,
-                                      o.get("val_samples"), p.seed, o.get("evaluator"))
-    res = aging_evolution(policy_space(space, tables),
+    metric = checked_metric(p, "evolution")
+    space, meter, ev, pspace = deployed_setup(p)
+    res = aging_evolution(pspace,
                           lambda c: _engine_value(ev.values(c, metric), metric),
                           int(o.get("n_evaluations", 300)), int(o.get("population", 20)),
                           int(o.get("sample", 5)), p.seed)
@@ -279,16 +268,11 @@ def clado(space: PolicySpace, evaluate: Evaluate, n_evaluations: int | None = 30
 def clado_strategy(p: SearchProblem) -> StrategyResult:
     """Options: n_evaluations (300: a cap on 1 + singles + pairs), pair_moves (3), metric
     ("neg_kl", used raw: CLADO adds value changes), val_samples, evaluator."""
-    if p.budget is None:
-        raise SmpqError("clado needs a budget")
     o = p.options
-    metric = o.get("metric", "neg_kl")
-    _check_metric(metric, "clado")
-    space, tables, meter, ev = _setup(p.model, p.cost, p.budget, p.train, p.val,
-                                      _ordered(p.w_specs), _ordered(p.a_specs), p.fixed,
-                                      o.get("val_samples"), p.seed, o.get("evaluator"))
+    metric = checked_metric(p, "clado")
+    space, meter, ev, pspace = deployed_setup(p)
     cap = o.get("n_evaluations", 300)
-    res = clado(policy_space(space, tables), lambda c: ev.values(c, metric),
+    res = clado(pspace, lambda c: ev.values(c, metric),
                 None if cap is None else int(cap), int(o.get("pair_moves", 3)), p.seed)
     info = {"metric": metric, "predicted": res.predicted, "reference_value":
             res.reference_value, "pair_moves": res.pair_moves, "layer_pairs": res.layer_pairs,
