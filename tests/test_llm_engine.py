@@ -223,3 +223,19 @@ def test_negative_nll_value(session, tmp_path):
     assert res.info["engine"]["best_value"] == pytest.approx(want, rel=1e-9)
     with pytest.raises(SmpqError, match="value metric"):
         _run(session, metric="acc")
+
+
+def test_prior_gains_are_score_differences_up_each_ladder():
+    """Two groups, candidates listed [c0, c1, c2] with ladder order (cheapest first) 2, 0, 1:
+    step k of group g gains score[g][order[k]] - score[g][order[k-1]], by hand."""
+    import numpy as np
+
+    from smpq.engine.space import PolicySpace
+    from smpq.transformer.engine_strategy import prior_gains
+
+    costs = {"size": (np.array([1.0, 2.0, 3.0]),) * 2}
+    sp = PolicySpace(("a", "b"), ((3,), (3,)), costs, {}, {"size": 6.0}, ("w",))
+    order = np.array([2, 0, 1])
+    scores = [[-1.0, 0.0, -5.0], [-2.0, -0.5, -3.0]]
+    # group a: levels are c2 (-5), c0 (-1), c1 (0): gains 4, 1; group b: -3, -2, -0.5: 1, 1.5
+    assert prior_gains(sp, order, scores).tolist() == [4.0, 1.0, 1.0, 1.5]

@@ -42,7 +42,8 @@ __all__ = [
 KINDS = ("cnn", "transformer")
 _PROVIDERS = {"cnn": ("smpq.cnn.search.engine_search", "smpq.cnn.search.baselines",
                       "smpq.cnn.search.evolution"),
-              "transformer": ("smpq.transformer.engine_strategy", "smpq.transformer.strategies")}
+              "transformer": ("smpq.transformer.engine_strategy", "smpq.transformer.strategies",
+                              "smpq.transformer.policy_search")}
 
 
 @dataclass(frozen=True)

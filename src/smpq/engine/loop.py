@@ -130,10 +130,13 @@ class _State:
         return st
 
 
-def _fingerprint(space: PolicySpace, config: EngineConfig) -> dict:
+def _fingerprint(space: PolicySpace, config: EngineConfig,
+                 prior: np.ndarray | None = None) -> dict:
     costs = {m: [np.asarray(r, float).round(9).tolist() for r in rows]
              for m, rows in sorted(space.costs.items())}
-    return {"units": list(space.units), "grids": [list(g) for g in space.grids],
+    extra = {} if prior is None else {"prior": hashlib.sha256(json.dumps(
+        np.asarray(prior, float).round(12).tolist()).encode()).hexdigest()[:16]}
+    return {**extra, "units": list(space.units), "grids": [list(g) for g in space.grids],
             "limits": {m: float(v) for m, v in sorted(space.limits.items())},
             "costs": hashlib.sha256(json.dumps(costs).encode()).hexdigest()[:16],
             "config": {k: v for k, v in asdict(config).items() if k != "evaluations"}}
@@ -193,37 +196,41 @@ def _region_topk(space: PolicySpace, model: QuadraticModel, centre: tuple[int, .
 RESELECT = 1.25  # choose the surrogate's hyper-parameters again once the data grew this much
 
 
-def _fit(space: PolicySpace, st: _State, cfg: EngineConfig) -> QuadraticModel:
+def _fit(space: PolicySpace, st: _State, cfg: EngineConfig,
+         prior: np.ndarray | None = None) -> QuadraticModel:
     """The surrogate on every evaluated policy. Cross-validated model selection (the costly
     part) runs when the data has grown by RESELECT since the last one; in between the chosen
     penalty and interaction weight are reused. The schedule depends only on the data, so a
     resumed run fits exactly the same models."""
     x, y = np.array(st.choices), np.array(st.values)
     if st.hyper is None or len(y) >= RESELECT * st.hyper["n"]:
-        model = fit_model(space, x, y, seed=cfg.seed)
+        model = fit_model(space, x, y, seed=cfg.seed, prior=prior)
         st.hyper = {"n": len(y), "lam": model.lam, "pair_scale": model.pair_scale,
                     "r2_cv": model.r2_cv}
         return model
     model = fit_model(space, x, y, seed=cfg.seed, lam=st.hyper["lam"],
-                      pair_scale=st.hyper["pair_scale"])
+                      pair_scale=st.hyper["pair_scale"], prior=prior)
     return replace(model, r2_cv=st.hyper["r2_cv"])
 
 
 def run_engine(space: PolicySpace, evaluate: Evaluate, config: EngineConfig | None = None, *,
                checkpoint: str | Path | None = None, resume: bool = False,
                progress: Callable[[int, int, float], None] | None = None,
-               initial: np.ndarray | None = None) -> EngineResult:
+               initial: np.ndarray | None = None,
+               prior: np.ndarray | None = None) -> EngineResult:
     """Search `space` with at most `config.evaluations` calls' worth of policies.
 
     `initial`: policies to evaluate first (e.g. what cheap scores allocate, the best uniform
-    policy); they count against the budget, and infeasible ones are skipped."""
+    policy); they count against the budget, and infeasible ones are skipped. `prior`: one
+    expected gain per step (`space.players` order), a feature of the surrogate
+    (`smpq.engine.model`)."""
     cfg = config or EngineConfig()
     space.check_feasible()
     need = min_evaluations(space, cfg)
     if cfg.evaluations < need:
         raise SmpqError(f"an evaluation budget of {cfg.evaluations} is below the {need} one "
                         f"screening and one round need")
-    fp = _fingerprint(space, cfg)
+    fp = _fingerprint(space, cfg, prior)
     path = Path(checkpoint) if checkpoint is not None else None
     st = _State(fp)
     if resume and path is not None and path.exists():
@@ -272,7 +279,7 @@ def run_engine(space: PolicySpace, evaluate: Evaluate, config: EngineConfig | No
     model: QuadraticModel | None = None
     stopped = "budget"
     while len(st.choices) < cfg.evaluations:
-        model = _fit(space, st, cfg)
+        model = _fit(space, st, cfg, prior)
         linear, quad = model.choice_tables(space)
         room = cfg.evaluations - len(st.choices)
         best_before, val_before = _best(space, st)
@@ -313,12 +320,13 @@ def run_engine(space: PolicySpace, evaluate: Evaluate, config: EngineConfig | No
             break
 
     if model is None or model.n_fit != len(st.choices):
-        model = fit_model(space, np.array(st.choices), np.array(st.values), seed=cfg.seed)
+        model = fit_model(space, np.array(st.choices), np.array(st.values), seed=cfg.seed,
+                          prior=prior)
     best, val = _best(space, st)
     if best is None:
         raise SmpqError("no evaluated policy meets the budget")
     se = bootstrap_shapley(space, np.array(st.choices), np.array(st.values), model,
-                           n_boot=cfg.bootstrap, seed=cfg.seed)
+                           n_boot=cfg.bootstrap, seed=cfg.seed, prior=prior)
     history, run = [], -math.inf
     ok = space.fits(np.array(st.choices))
     for v, f in zip(st.values, ok, strict=True):

@@ -8,6 +8,12 @@ ladders costs one coefficient whatever their lengths. Ridge regression; the pena
 weight of the interaction block (an additive fit wins when data is scarce) are chosen by
 K-fold cross-validation, whose error also gives the held-out R^2.
 
+A prior (`prior`: one expected gain per step, e.g. from Fisher scores) enters as one more
+feature, the prior's additive prediction of each policy, scaled so that ridge leaves its
+coefficient c practically unpenalised: the main effects become c * prior + a, with a shrunk
+to 0, so with few evaluations the model is the cheap score, recalibrated, and data moves it
+away only where the measurements disagree.
+
 Ladder Shapley values of the fitted model have a closed form. In the game whose players are
 steps and whose coalitions map to levels by counting, step k of ladder i gets its main effect
 a_ik plus, for every partner ladder j, beta_ij * (-1/t_i) * E[D_j when i reaches level k],
@@ -29,6 +35,7 @@ __all__ = ["QuadraticModel", "fit_model", "pair_index"]
 LAMBDAS = tuple(10.0 ** (e / 2) for e in range(-6, 7))
 PAIR_SCALES = (0.0, 0.5, 1.0)
 MAX_PAIRS = 2048
+PRIOR_WEIGHT = 1e3  # the prior column's scale: its coefficient's penalty is ~1e-6 of others
 
 
 def pair_index(space: PolicySpace, window: int | None = None) -> np.ndarray:
@@ -153,12 +160,29 @@ class QuadraticModel:
                  "beta": float(self.beta[k])} for k in order if self.beta[k] != 0]
 
 
-def _design(main: np.ndarray, pair: np.ndarray, scale: float) -> np.ndarray:
-    return np.hstack([main, pair * scale]) if scale > 0 else main
+def _design(main: np.ndarray, pair: np.ndarray, scale: float,
+            lead: np.ndarray | None = None) -> np.ndarray:
+    x = np.hstack([main, pair * scale]) if scale > 0 else main
+    return x if lead is None else np.hstack([x, lead[:, None]])
+
+
+def _prior_column(main: np.ndarray, prior: np.ndarray | None
+                  ) -> tuple[np.ndarray | None, float]:
+    """(the prior's prediction of each policy, scaled to PRIOR_WEIGHT std; the scale), or
+    (None, 0) without a prior or when it predicts every policy alike."""
+    if prior is None:
+        return None, 0.0
+    f = main @ np.asarray(prior, float)
+    sd = float(np.std(f))
+    if not np.isfinite(sd) or sd <= 1e-12 * (1.0 + float(np.max(np.abs(f)))):
+        return None, 0.0
+    k = PRIOR_WEIGHT / sd
+    return f * k, k
 
 
 def _cv_error(main: np.ndarray, pair: np.ndarray, y: np.ndarray, scales: tuple,
-              lambdas: tuple, folds: int, rng: np.random.Generator) -> np.ndarray:
+              lambdas: tuple, folds: int, rng: np.random.Generator,
+              lead: np.ndarray | None = None) -> np.ndarray:
     """K-fold squared error of every (pair scale, lambda): (scales, lambdas)."""
     n = len(y)
     idx = rng.permutation(n)
@@ -167,7 +191,7 @@ def _cv_error(main: np.ndarray, pair: np.ndarray, y: np.ndarray, scales: tuple,
         test = idx[f::folds]
         train = np.setdiff1d(idx, test)
         for a, scale in enumerate(scales):
-            x = _design(main, pair, scale)
+            x = _design(main, pair, scale, lead)
             ridge = _Ridge(x[train], y[train])
             for b, lm in enumerate(lambdas):
                 coef, b0, _ = ridge.solve(lm)
@@ -177,8 +201,10 @@ def _cv_error(main: np.ndarray, pair: np.ndarray, y: np.ndarray, scales: tuple,
 
 def fit_model(space: PolicySpace, choices: np.ndarray, values: np.ndarray, *,
               pairs: np.ndarray | None = None, folds: int = 5, seed: int = 0,
-              lam: float | None = None, pair_scale: float | None = None) -> QuadraticModel:
-    """Fit the surrogate. The penalty and the interaction block's weight are chosen by K-fold
+              lam: float | None = None, pair_scale: float | None = None,
+              prior: np.ndarray | None = None) -> QuadraticModel:
+    """Fit the surrogate (`prior`: per-step expected gains, see the module docstring). The
+    penalty and the interaction block's weight are chosen by K-fold
     cross-validation (GCV when there are too few points for folds); `lam`/`pair_scale` fixed
     skip the choice (bootstrap refits). `r2_cv` is the chosen model's K-fold R^2."""
     choices = np.atleast_2d(np.asarray(choices, dtype=np.int64))
@@ -192,12 +218,16 @@ def fit_model(space: PolicySpace, choices: np.ndarray, values: np.ndarray, *,
         if len(pairs) > MAX_PAIRS:
             pairs = pair_index(space, window=1)
     main, pair = _features(space, choices, pairs)
+    if prior is not None and np.shape(prior) != (main.shape[1],):
+        raise SmpqError(f"the prior needs one gain per step ({main.shape[1]}), got "
+                        f"{np.shape(prior)}")
+    lead, k = _prior_column(main, prior)
     scales = tuple(s for s in (PAIR_SCALES if pair_scale is None else (pair_scale,))
                    if s == 0 or len(pairs))
     lambdas = LAMBDAS if lam is None else (lam,)
     rng = np.random.default_rng(seed)
     if len(scales) * len(lambdas) > 1 and len(y) >= 2 * folds:
-        err = _cv_error(main, pair, y, scales, lambdas, folds, rng)
+        err = _cv_error(main, pair, y, scales, lambdas, folds, rng, lead)
         a, b = np.unravel_index(int(np.argmin(err)), err.shape)
         scale, lm = scales[a], lambdas[b]
         ss = float(np.sum((y - y.mean()) ** 2))
@@ -205,21 +235,26 @@ def fit_model(space: PolicySpace, choices: np.ndarray, values: np.ndarray, *,
     else:
         best = None
         for s in scales:
-            ridge = _Ridge(_design(main, pair, s), y)
+            ridge = _Ridge(_design(main, pair, s, lead), y)
             for lm_ in lambdas:
                 gcv = ridge.solve(lm_)[2]
                 if best is None or gcv < best[0]:
                     best = (gcv, s, lm_)
         _, scale, lm = best
         r2 = float("nan")
-    coef, b0, _ = _Ridge(_design(main, pair, scale), y).solve(lm)
+    coef, b0, _ = _Ridge(_design(main, pair, scale, lead), y).solve(lm)
     n_main = main.shape[1]
+    a = coef[:n_main]
+    if lead is not None:  # fold the prior into the main effects: c * prior + a
+        a = a + coef[-1] * k * np.asarray(prior, float)
+        coef = coef[:-1]
     beta = coef[n_main:] * scale if scale > 0 else np.zeros(len(pairs))
-    return QuadraticModel(b0, coef[:n_main], pairs, beta, lm, scale, r2, len(y))
+    return QuadraticModel(b0, a, pairs, beta, lm, scale, r2, len(y))
 
 
 def bootstrap_shapley(space: PolicySpace, choices: np.ndarray, values: np.ndarray,
-                      model: QuadraticModel, n_boot: int = 20, seed: int = 0) -> np.ndarray:
+                      model: QuadraticModel, n_boot: int = 20, seed: int = 0,
+                      prior: np.ndarray | None = None) -> np.ndarray:
     """Standard error of the model's Shapley values over bootstrap refits of the data."""
     rng = np.random.default_rng(seed)
     choices = np.atleast_2d(np.asarray(choices))
@@ -228,6 +263,6 @@ def bootstrap_shapley(space: PolicySpace, choices: np.ndarray, values: np.ndarra
     for _ in range(n_boot):
         idx = rng.integers(0, len(values), len(values))
         m = fit_model(space, choices[idx], values[idx], pairs=model.pairs, lam=model.lam,
-                      pair_scale=model.pair_scale)
+                      pair_scale=model.pair_scale, prior=prior)
         draws.append(m.shapley(space))
     return np.std(draws, axis=0, ddof=1) if n_boot > 1 else np.zeros(len(model.main))

@@ -7,13 +7,16 @@ forward pass over the calibration blocks: -KL(float || quantized) for causal LMs
 embedding cosine distance for encoders (`PTQSession.value`); the engine maximises
 -log(distance), which orders policies alike and is closer to additive.
 
-The cheap scores are priors: the allocations of `priors` (Fisher and the best uniform policy
-by default) are evaluated first, so the result is never worse than them by this value, and
-the trust region of the loop starts around the best of them. Their scoring time counts in
-the reported cost.
+The cheap scores are priors twice over: the allocations of `priors` (Fisher and the best
+uniform policy by default) are evaluated first, so the result is never worse than them by
+this value, and the trust region of the loop starts around the best of them; and the scores
+of `prior_feature` (Fisher by default) are a feature of the surrogate (`smpq.engine.model`):
+with few evaluations the model is Fisher's additive prediction with a fitted scale, and the
+measurements correct it step by step. Their scoring time counts in the reported cost.
 
 Options (SearchProblem.options): n_evaluations (default DEFAULT_EVALUATIONS), top_k (4),
-priors (names of registered transformer strategies), value_split ("calib", the default, or
+priors (names of registered transformer strategies), prior_feature (one name, or None),
+value_split ("calib", the default, or
 "val": the validation split, held out from what the priors' scores saw), metric ("neg_kl",
 the default, or "neg_nll": minus the mean next-token NLL, closer to perplexity), screen_fraction
 (0.3), patience (20),
@@ -43,8 +46,9 @@ from smpq.errors import SmpqError
 from smpq.fileio import atomic_write_text
 from smpq.strategy import SearchProblem, StrategyResult, register
 
-__all__ = ["DEFAULT_EVALUATIONS", "DEFAULT_PRIORS", "METRICS", "NAME", "VALUE_SPLITS",
-           "ladder_order", "policy_space", "shapley_loop"]
+__all__ = ["DEFAULT_EVALUATIONS", "DEFAULT_FEATURE", "DEFAULT_PRIORS", "METRICS", "NAME",
+           "SessionValue", "VALUE_SPLITS", "ladder_order", "policy_space", "prior_gains",
+           "shapley_loop"]
 
 NAME = "shapley-loop"
 # One evaluation is one forward over the calibration text: on SmolLM2-135M with 2,048 tokens
@@ -52,6 +56,7 @@ NAME = "shapley-loop"
 # evaluations (priors included) take 3-4 minutes there, and seconds on small models.
 DEFAULT_EVALUATIONS = 24
 DEFAULT_PRIORS = ("fisher", "uniform")
+DEFAULT_FEATURE = "fisher"  # whose scores are the surrogate's prior feature (None: none)
 VALUE_SPLITS = ("calib", "val")  # the calibration blocks (default) or the validation split
 METRICS = ("neg_kl", "neg_nll")  # engine value: -log KL to float, or -NLL (causal LMs)
 
@@ -79,30 +84,40 @@ def policy_space(session: Any, budget: Any, resolved: Any) -> tuple[PolicySpace,
     return PolicySpace(names, grid, per_unit, offsets, full, ("w",)), order
 
 
-def _priors(p: SearchProblem, resolved: Any) -> tuple[list[tuple[str, tuple[int, ...]]], dict]:
-    """(name, candidate choice) of every prior strategy, and their summed scoring cost."""
+def _priors(p: SearchProblem, resolved: Any
+            ) -> tuple[list[tuple[str, tuple[int, ...]]], dict, dict[str, list]]:
+    """(name, candidate choice) of every prior strategy, their summed scoring cost, and
+    their per-group candidate scores (for the surrogate's prior feature)."""
     from smpq import strategy
 
-    out, cost = [], {"seconds": 0.0, "forward_passes": 0, "backward_passes": 0}
-    for name in p.options.get("priors", DEFAULT_PRIORS):
+    out, cost, scores = [], {"seconds": 0.0, "forward_passes": 0, "backward_passes": 0}, {}
+    for name in _prior_names(p):
         if name == NAME:
             raise SmpqError(f"{NAME} cannot be its own prior")
         opts = {k: v for k, v in p.options.items() if k in ("config",)} | {"resolved": resolved}
         res = strategy.get(name, "transformer")(SearchProblem(
             p.model, p.cost, p.budget, p.w_specs, seed=p.seed, options=opts))
         out.append((name, tuple(int(c) for c in res.detail.choice)))
+        scores[name] = [np.asarray(r, float).tolist() for r in res.detail.scores]
         for k in cost:
             cost[k] += res.detail.cost.get(k, 0)
-    return out, cost
+    return out, cost, scores
+
+
+def _prior_names(p: SearchProblem) -> list[str]:
+    """The prior strategies, the feature's source included (scored once either way)."""
+    names = list(p.options.get("priors", DEFAULT_PRIORS))
+    feature = p.options.get("prior_feature", DEFAULT_FEATURE)
+    return names + [feature] if feature and feature not in names else names
 
 
 def _session_priors(p: SearchProblem, resolved: Any, ckpt: Path | None, resume: bool
-                    ) -> tuple[list[tuple[str, tuple[int, ...]]], dict]:
+                    ) -> tuple[list[tuple[str, tuple[int, ...]]], dict, dict[str, list]]:
     """The priors, computed or (on resume) read back; with a checkpoint, what the session is
     (model weights, calibration text, candidates: `PTQSession.fingerprint`) is saved beside
     it, and a resume on another session is refused (the engine's own fingerprint covers the
     space and settings, not the data its values came from)."""
-    names = list(p.options.get("priors", DEFAULT_PRIORS))
+    names = _prior_names(p)
     if ckpt is None:
         return _priors(p, resolved)
     side = ckpt.with_suffix(".session.json")
@@ -116,17 +131,25 @@ def _session_priors(p: SearchProblem, resolved: Any, ckpt: Path | None, resume: 
         if not same and ckpt.is_file():
             raise SmpqError(f"the checkpoint {ckpt} belongs to another model, calibration text "
                             "or candidate set; use a fresh --out or drop --resume")
-        if same and saved.get("prior_names") == names:
-            return [(n, tuple(c)) for n, c in saved["priors"]], saved["prior_cost"]
-    priors, cost = _priors(p, resolved)
+        if same and saved.get("prior_names") == names and "prior_scores" in saved:
+            return ([(n, tuple(c)) for n, c in saved["priors"]], saved["prior_cost"],
+                    saved["prior_scores"])
+    priors, cost, scores = _priors(p, resolved)
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(side, json.dumps({"session": session, "prior_names": names,
                                         "priors": [[n, list(c)] for n, c in priors],
-                                        "prior_cost": cost}) + "\n")
-    return priors, cost
+                                        "prior_cost": cost, "prior_scores": scores}) + "\n")
+    return priors, cost, scores
 
 
-class _Value:
+def prior_gains(space: PolicySpace, order: np.ndarray, scores: list) -> np.ndarray:
+    """Per engine step (`space.players` order): the score gain of climbing that ladder step,
+    score[g][order[k]] - score[g][order[k - 1]] (scores: per group, per candidate)."""
+    rows = [np.asarray(r, float) for r in scores]
+    return np.array([rows[u][order[k]] - rows[u][order[k - 1]] for u, _, k in space.players])
+
+
+class SessionValue:
     """The engine's value of a batch of ladder choices, with the forward passes timed."""
 
     def __init__(self, session: Any, order: np.ndarray, split: str = "calib",
@@ -216,17 +239,23 @@ def shapley_loop(p: SearchProblem) -> StrategyResult:
                   if x != default)
     ckpt = Path(out) / f"engine_state{tag}.json" if out is not None else None  # per value
     resume = bool(o.get("resume", False))
-    priors, prior_cost = _session_priors(p, resolved, ckpt, resume)
+    priors, prior_cost, prior_scores = _session_priors(p, resolved, ckpt, resume)
+    feature = o.get("prior_feature", DEFAULT_FEATURE)
+    gains = prior_gains(space, order, prior_scores[feature]) if feature else None
+    if gains is not None and not np.all(np.isfinite(gains)):
+        gains = None  # a score that cannot rank (e.g. all candidates alike) is no feature
+    starts = set(p.options.get("priors", DEFAULT_PRIORS))
+    priors = [(n, c) for n, c in priors if n in starts]
     rank = np.argsort(order)  # candidate index -> ladder level
     initial = np.array([[rank[c] for c in choice] for _, choice in priors], dtype=np.int64)
-    value = _Value(s, order, split, metric, cfg.evaluations)
+    value = SessionValue(s, order, split, metric, cfg.evaluations)
     if resume:
         value.load(ckpt)
     outer = o.get("progress")
 
     try:
         res = run_engine(space, value, cfg, checkpoint=ckpt, resume=resume, progress=outer,
-                         initial=initial if len(initial) else None)
+                         initial=initial if len(initial) else None, prior=gains)
     finally:
         s.swapper.restore()
     choice = tuple(int(order[k]) for k in res.choice)

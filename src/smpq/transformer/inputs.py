@@ -100,6 +100,9 @@ def lm_blocks(tok: Any, s: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]
         from smpq.transformer.wiki import wiki_blocks
 
         blocks = {k: wiki_blocks(tok, k, s.block, n) for k, n in sizes.items()}
+        if getattr(s, "calib_seed", None) is not None:  # other calibration blocks, same split
+            blocks["calibration"] = wiki_blocks(tok, "calibration", s.block,
+                                                sizes["calibration"], seed=s.calib_seed)
     else:
         corpus = stdlib_corpus()
         blocks = {k: token_blocks(corpus[k], tok, s.block, n) for k, n in sizes.items()}

@@ -107,6 +107,8 @@ class RunSettings:
     text: str = "auto"  # causal LMs: "auto", "wikipedia" or "stdlib" (see TEXT_SOURCES)
     calib_text: str | None = None  # a user's calibration file (plain text or JSONL)
     calib_tokens: int | None = None  # calibration size in tokens (default block*calib_blocks)
+    calib_seed: int | None = None  # Wikipedia calibration: None = evenly spread blocks, else
+    # distinct blocks drawn with this seed (benchmarks repeat over calibration seeds)
 
     def __post_init__(self) -> None:
         if self.text not in TEXT_SOURCES:
@@ -342,11 +344,16 @@ class PTQSession:
 
     def evaluate(self, choice: tuple[int, ...]) -> dict[str, float]:
         """Validation (search objective) and test metrics of one group choice."""
+        keys = self.candidates.keys
+        return self.evaluate_layers({n: keys[k] for g, k in zip(self.groups, choice,
+                                                                 strict=True) for n in g})
+
+    def evaluate_layers(self, assignment: Mapping[str, str]) -> dict[str, float]:
+        """`evaluate` for a per-layer assignment {layer: candidate key} (e.g. a peer's
+        allocation that ignores the share groups)."""
         from smpq.transformer import values
 
-        keys = self.candidates.keys
-        with self.swapper.applied({n: keys[k] for g, k in zip(self.groups, choice, strict=True)
-                                   for n in g}):
+        with self.swapper.applied(dict(assignment)):
             out = {"val_value": self.value("val")}
             if self.kind == "causal_lm":
                 out["test_kl"] = -self.value("test")

@@ -1,0 +1,123 @@
+"""Other tools' allocators, run on a session's model and calibration text for comparison.
+
+Only the allocation is taken from a peer: its per-layer formats are mapped back to the
+session's candidates and re-quantized with the session's own backend, so a comparison
+differs in the allocation alone.
+
+| peer       | package                                                | what runs             |
+|------------|--------------------------------------------------------|-----------------------|
+| autoscheme | `auto-round==0.16.1` (`--no-deps`) + accelerate,       | Intel AutoRound's     |
+|            | datasets, py-cpuinfo                                   | AutoScheme, `iters=0` |
+
+AutoScheme scores each option per layer with its delta-loss estimate (gradients on the
+calibration text) and solves its own knapsack on average bits. It reads text, not tokens: the
+session's calibration blocks are decoded into a JSONL file it loads as a local dataset
+(`nsamples` blocks of `seqlen` tokens). It runs on a deep copy of the model (it frees
+weights as it goes), offline, and its per-scheme score cache (~/.cache/auto_round) is cleared
+first so that its wall time is a cold run, like ours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from smpq.errors import SmpqError
+from smpq.spec import Granularity, QuantSpec
+
+__all__ = ["AUTOSCHEME_INSTALL", "autoscheme_allocation", "autoscheme_options"]
+
+AUTOSCHEME_INSTALL = ("pip install --no-deps auto-round==0.16.1 && "
+                      "pip install accelerate datasets py-cpuinfo")
+
+
+def autoscheme_options(specs: tuple[QuantSpec, ...]) -> list[tuple[int, int, bool]]:
+    """(bits, group size, symmetric) per candidate; AutoScheme takes integer group formats."""
+    out = []
+    for s in specs:
+        if s.fmt != "int" or s.granularity is not Granularity.GROUP:
+            raise SmpqError(f"AutoScheme takes integer group formats, not {s.label}")
+        out.append((s.bits, int(s.group_size), s.symmetric))
+    if len({b for b, _, _ in out}) != len(out):
+        raise SmpqError("AutoScheme needs candidates with distinct bit widths")
+    return out
+
+
+def autoscheme_allocation(session: Any, avg_bits: list[float], *, batch_size: int = 8
+                          ) -> tuple[dict[float, dict[str, str]], dict]:
+    """({target: {layer: candidate key}}, cost) of AutoScheme at each `avg_bits` target
+    (weights only, no scale overhead, as smpq's avg_bits) on the session's calibration
+    blocks. Its scores are computed once for all targets, so `cost` covers them all."""
+    try:
+        from auto_round import AutoRound, AutoScheme
+        from auto_round.schemes import QuantizationScheme
+    except ImportError as e:
+        raise SmpqError(f"AutoScheme needs auto-round ({AUTOSCHEME_INSTALL}): {e}") from None
+    from smpq.transformer.mixed import spec_key
+
+    if session.kind != "causal_lm":
+        raise SmpqError("AutoScheme is run on causal LMs only")
+    opts = autoscheme_options(session.specs)
+    by_bits = {b: spec_key(s) for (b, _, _), s in zip(opts, session.specs, strict=True)}
+    calib = session.calib
+    os.environ.setdefault("AR_DISABLE_DATASET_SUBPROCESS", "1")
+    os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
+    shutil.rmtree(Path.home() / ".cache" / "auto_round", ignore_errors=True)  # a cold run
+    if session.swapper is not None:
+        session.swapper.restore()
+    with tempfile.TemporaryDirectory(prefix="smpq_autoscheme_") as tmp:
+        data = Path(tmp) / "calibration.jsonl"
+        # decoded blocks re-tokenise to about the same length; a margin of calibration text
+        # (the next block's start) keeps each sample >= seqlen tokens (shorter ones are dropped)
+        with data.open("w", encoding="utf-8") as f:
+            for i, b in enumerate(calib):
+                extra = calib[(i + 1) % len(calib)][:32]
+                f.write(json.dumps({"text": session.tokenizer.decode(list(b) + list(extra))})
+                        + "\n")
+        schemes = [QuantizationScheme(bits=b, group_size=g, sym=sym, data_type="int",
+                                      act_bits=16) for b, g, sym in opts]
+        start = time.perf_counter()
+        model = copy.deepcopy(session.model)
+        targets = [float(b) for b in avg_bits]
+        scheme = AutoScheme(avg_bits=targets[0], options=schemes,
+                            ignore_scale_zp_bits=True, nsamples=len(calib),
+                            seqlen=int(calib.shape[1]), batch_size=batch_size)
+        quiet = logging.getLogger("auto_round")
+        level = quiet.level
+        quiet.setLevel(logging.WARNING)
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                ar = AutoRound(model, session.tokenizer, scheme=scheme, iters=0,
+                               nsamples=len(calib), seqlen=int(calib.shape[1]),
+                               dataset=str(data), device_map="cpu",
+                               enable_torch_compile=False)
+                ar.post_init()  # scores every option once (cached), solves targets[0]
+                configs = {targets[0]: copy.deepcopy(ar.layer_config)}
+                gen = ar.scheme_generator
+                for t in targets[1:]:  # the cached scores, another knapsack
+                    gen.auto_scheme.avg_bits = t
+                    configs[t] = gen.get_layer_config()
+        finally:
+            quiet.setLevel(level)
+        seconds = time.perf_counter() - start
+    del model
+    out: dict[float, dict[str, str]] = {}
+    for target in targets:
+        config = configs[target]
+        out[target] = {}
+        for name in session.linears:
+            bits = (config.get(name) or {}).get("bits")
+            if bits not in by_bits:
+                raise SmpqError(f"AutoScheme gave layer {name!r} bits {bits!r}, not a "
+                                "candidate")
+            out[target][name] = by_bits[bits]
+    return out, {"seconds": seconds, "forward_passes": None, "backward_passes": None}

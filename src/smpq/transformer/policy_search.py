@@ -1,0 +1,174 @@
+"""Two plain searches over whole policies, the peers `shapley-loop` must beat at equal budgets.
+
+Both spend the same evaluations on the same value as `shapley-loop` (`n_evaluations`,
+`value_split`, `metric` options; one evaluation = one weight swap and one forward pass over
+the value split) and keep the best feasible policy they evaluated:
+
+| name   | what                                                                              |
+|--------|-----------------------------------------------------------------------------------|
+| random | policies drawn on the budget frontier (`PolicySpace.random_maximal`: ladder steps |
+|        | added in random order while they fit), evaluated in order                         |
+| local  | first-improvement local search from the Fisher allocation: a move raises one unit |
+|        | a level and lowers another of equal size (the same cost row) a level, so the      |
+|        | budget stays met; moves are tried in random order, the first that improves is     |
+|        | kept, and the move list is drawn again; without any equal-size partner, any       |
+|        | feasible partner                                                                  |
+
+The local search is simple and, once evaluations are spent, hard to beat: its start is the
+cheap score's answer, and every step is measured. Its Fisher scoring time counts in its cost.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from smpq.engine.space import PolicySpace
+from smpq.errors import SmpqError
+from smpq.strategy import SearchProblem, StrategyResult, register
+from smpq.transformer.engine_strategy import (
+    DEFAULT_EVALUATIONS,
+    METRICS,
+    VALUE_SPLITS,
+    SessionValue,
+    policy_space,
+)
+
+__all__ = ["local_moves", "local_search", "random_search"]
+
+
+def _setup(p: SearchProblem, name: str) -> tuple[Any, PolicySpace, np.ndarray, SessionValue, int]:
+    if p.budget is None:
+        raise SmpqError(f"{name} needs a budget")
+    s, o = p.model, p.options
+    split, metric = o.get("value_split", "calib"), o.get("metric", "neg_kl")
+    if split not in VALUE_SPLITS:
+        raise SmpqError(f"unknown value split {split!r}; known: {', '.join(VALUE_SPLITS)}")
+    if metric not in METRICS:
+        raise SmpqError(f"unknown value metric {metric!r}; known: {', '.join(METRICS)}")
+    n = int(o.get("n_evaluations", DEFAULT_EVALUATIONS))
+    if n < 1:
+        raise SmpqError(f"{name} needs at least one evaluation, got {n}")
+    resolved = o.get("resolved") or s.resolve(p.budget)
+    space, order = policy_space(s, p.budget, resolved)
+    space.check_feasible()
+    return s, space, order, SessionValue(s, order, split, metric, n), n
+
+
+def _result(name: str, p: SearchProblem, s: Any, order: np.ndarray, levels: np.ndarray,
+            value: SessionValue, start: float, extra: dict, curve: list[float]) -> StrategyResult:
+    from smpq.transformer.mixed import choice_policy, spec_key
+    from smpq.transformer.strategies import Allocated
+
+    choice = tuple(int(order[k]) for k in levels)
+    cost = {"seconds": time.perf_counter() - start,
+            "forward_passes": value.calls + extra.get("forward_passes", 0),
+            "backward_passes": extra.get("backward_passes", 0),
+            "forward_seconds": value.seconds, "evaluations": value.calls,
+            "prior_seconds": extra.get("seconds", 0.0)}
+    policy = choice_policy(s.groups, s.specs, choice, meta={
+        "method": name, "backend": s.backend, "budget": str(p.budget), "model": s.model_name,
+        "candidates": [spec_key(x) for x in s.specs], "seed": p.seed})
+    scores = tuple(np.zeros(len(s.specs)) for _ in s.groups)  # a search has no scores
+    info = {"search_cost": cost, "binding": [], "value_curve": curve}
+    return StrategyResult(name, policy, cost["seconds"], cost["forward_passes"], value.seconds,
+                          info, detail=Allocated(choice, choice, scores, None, None, cost))
+
+
+def _curve(values: list[float]) -> list[float]:
+    return np.maximum.accumulate(np.asarray(values, float)).tolist() if values else []
+
+
+@register("random", kind="transformer")
+def random_search(p: SearchProblem) -> StrategyResult:
+    """The best of `n_evaluations` random policies on the budget frontier."""
+    s, space, order, value, n = _setup(p, "random")
+    start = time.perf_counter()
+    rng = np.random.default_rng([p.seed, 7])
+    seen: dict[tuple[int, ...], float] = {}
+    vals: list[float] = []
+    try:
+        tries = 0
+        while len(seen) < n and tries < 20 * n:  # small spaces may hold fewer than n policies
+            tries += 1
+            c = tuple(int(x) for x in space.random_maximal(rng, 1)[0])
+            if c in seen:
+                continue
+            seen[c] = float(value(np.array([c]))[0])
+            vals.append(seen[c])
+    finally:
+        s.swapper.restore()
+    best = max(seen, key=seen.__getitem__)
+    return _result("random", p, s, order, np.array(best), value, start, {}, _curve(vals))
+
+
+def local_moves(space: PolicySpace, levels: np.ndarray, rng: np.random.Generator,
+                metric: str | None = None) -> list[tuple[int, int]]:
+    """(up, down) unit pairs, in random order, whose move keeps `levels` within the budget:
+    `up` one level higher, `down` one lower; equal-size partners (the same cost row under
+    `metric`) only, unless a unit has none."""
+    metric = metric or ("size" if "size" in space.costs else next(iter(space.costs)))
+    rows = [np.asarray(r, float) for r in space.costs[metric]]
+    tops = [space.n_choices(u) - 1 for u in range(space.n_units)]
+    moves = []
+    for u in range(space.n_units):
+        if levels[u] >= tops[u]:
+            continue
+        downs = [v for v in range(space.n_units) if v != u and levels[v] > 0]
+        same = [v for v in downs if rows[v].shape == rows[u].shape
+                and np.allclose(rows[v], rows[u])]
+        for v in same or downs:
+            moves.append((u, v))
+    if not moves:
+        return []
+    cand = np.repeat(np.asarray(levels, np.int64)[None], len(moves), axis=0)
+    idx = np.arange(len(moves))
+    ups, dns = np.array([m[0] for m in moves]), np.array([m[1] for m in moves])
+    cand[idx, ups] += 1
+    cand[idx, dns] -= 1
+    ok = space.fits(cand)
+    keep = [moves[i] for i in rng.permutation(len(moves)) if ok[i]]
+    return keep
+
+
+@register("local", kind="transformer")
+def local_search(p: SearchProblem) -> StrategyResult:
+    """First-improvement pair swaps from the Fisher allocation (module docstring)."""
+    from smpq import strategy
+
+    s, space, order, value, n = _setup(p, "local")
+    start = time.perf_counter()
+    opts = {k: v for k, v in p.options.items() if k in ("config", "resolved")}
+    fisher = strategy.get(p.options.get("start", "fisher"), "transformer")(SearchProblem(
+        p.model, p.cost, p.budget, p.w_specs, seed=p.seed, options=opts))
+    rank = np.argsort(order)  # candidate index -> ladder level
+    cur = np.array([rank[c] for c in fisher.detail.choice], dtype=np.int64)
+    rng = np.random.default_rng([p.seed, 11])
+    vals: list[float] = []
+    try:
+        best = float(value(cur[None])[0])
+        vals.append(best)
+        seen = {tuple(cur.tolist())}
+        improved = True
+        while improved and value.calls < n:
+            improved = False
+            for u, v in local_moves(space, cur, rng):
+                nxt = cur.copy()
+                nxt[u] += 1
+                nxt[v] -= 1
+                key = tuple(nxt.tolist())
+                if key in seen:
+                    continue
+                seen.add(key)
+                got = float(value(nxt[None])[0])
+                vals.append(got)
+                if got > best:
+                    cur, best, improved = nxt, got, True
+                    break
+                if value.calls >= n:
+                    break
+    finally:
+        s.swapper.restore()
+    return _result("local", p, s, order, cur, value, start, fisher.detail.cost, _curve(vals))
