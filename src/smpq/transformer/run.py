@@ -21,11 +21,17 @@ Files in `out`: policy.json, contributions.json (per player / per group; shapley
 its search log), summary.json, the packed checkpoint (model.safetensors + quant_meta.json,
 `smpq.export.load_quantized(out, m)`; not for AWQ backends, whose channel scales would need
 folding into the previous op), exports/ (llama.cpp, GPTQModel, torchao, HF),
-cache/candidates/, engine_state.json (shapley-loop) and shapley_state.json (Shapley game).
-Candidate weights are content-keyed and always reused; `resume=True` also continues the
-search from its checkpoint (without it, the search starts afresh). `run_ptq` claims `out`
-with `smpq.fileio.output_dir`: locked for the run, the final files written aside and swapped
-in at the end; the cache and the search state stay in `out` for resuming.
+engine_state.json (shapley-loop) and shapley_state.json (Shapley game).
+
+Candidate weights live in ONE shared cache, `<RunSettings.cache_dir>/candidates/` (CLI
+`--cache-dir`, default .cache/smpq), not in `out`: each file is named by its content key
+(`smpq.transformer.scores.candidate_key`: the layer's float weight, the spec, the backend, and
+for backends that read statistics the calibration digest and a digest of the whole model,
+since a layer's inputs depend on every weight upstream), written aside and renamed, so any
+run with any `out` reuses it and two runs filling one key at once leave one complete file.
+`resume=True` also continues the search from its checkpoint (without it, the search starts
+afresh). `run_ptq` claims `out` with `smpq.fileio.output_dir`: locked for the run, the final
+files written aside and swapped in at the end; the search state stays in `out` for resuming.
 """
 
 from __future__ import annotations
@@ -130,6 +136,15 @@ def _digest(*tensors: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
+def _model_digest(model: torch.nn.Module) -> str:
+    """Digest of every parameter and buffer (names, shapes, raw bytes) of `model`."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 class PTQSession:
     """One model, its data, references and candidate weights: score, allocate, evaluate.
 
@@ -175,8 +190,9 @@ class PTQSession:
 
         if self.candidates is None:
             needs = self.backend in STATS_BACKENDS  # RTN reads no Hessians: none collected
-            context = self.calib_digest if needs else ""
-            cache = self.out / "cache" / "candidates" if self.out else None
+            # a layer's statistics depend on the calibration data and every weight upstream
+            context = f"{self.calib_digest}:{_model_digest(self.model)}" if needs else ""
+            cache = Path(self.settings.cache_dir) / "candidates"  # shared, content-keyed
             self.candidates = build_candidates(self.linears, self.specs, self.backend,
                                                self.stats if needs else None, cache, context,
                                                self.progress)
@@ -437,7 +453,7 @@ def run_ptq(model: str, budget: str | Budget, backend: str = "rtn",
     `options`: extra strategy options (shapley-loop: n_evaluations, top_k, priors)."""
     find = strategy.get(method, "transformer")
     budget = Budget.parse(budget) if isinstance(budget, str) else budget
-    with output_dir(out, keep=("cache", "shapley_state.json", *ENGINE_STATE_FILES)) as stage:
+    with output_dir(out, keep=("shapley_state.json", *ENGINE_STATE_FILES)) as stage:
         _check_budget_early(model, budget, candidates)
         return _run_ptq(model, budget, backend, method, Path(out), stage, candidates, seed,
                         resume, progress, settings, find, options)
