@@ -182,10 +182,15 @@ class PTQSession:
         self._stats: dict | None = None
         self.stats_seconds = 0.0
         self.candidates: Any = None
+        self.candidate_cost: dict[str, Any] = {}
         self.swapper: Any = None
 
     def prepare(self) -> PTQSession:
-        """Quantize (or load from the cache) every candidate weight; needed before scoring."""
+        """Quantize (or load from the cache) every candidate weight; needed before scoring.
+
+        `candidate_cost` reports it apart from any method's cost: seconds in all, of which
+        `stats_seconds` is the calibration-statistics pass when the backend (GPTQ, AWQ) had
+        to build a candidate; that pass is shared, and billed in full to every user."""
         from smpq.transformer.values import WeightSwapper
 
         if self.candidates is None:
@@ -193,9 +198,17 @@ class PTQSession:
             # a layer's statistics depend on the calibration data and every weight upstream
             context = f"{self.calib_digest}:{_model_digest(self.model)}" if needs else ""
             cache = Path(self.settings.cache_dir) / "candidates"  # shared, content-keyed
+            had_stats = self._stats is not None
             self.candidates = build_candidates(self.linears, self.specs, self.backend,
                                                self.stats if needs else None, cache, context,
                                                self.progress)
+            c = self.candidates
+            own = c.seconds - (self.stats_seconds if self._stats is not None and not had_stats
+                               else 0.0)  # a stats pass timed inside the build
+            used = needs and c.built > 0
+            self.candidate_cost = {"seconds": own + (self.stats_seconds if used else 0.0),
+                                   "quantize_seconds": own, "built": c.built,
+                                   "loaded": c.loaded, **(self._stats_cost() if used else {})}
             self.swapper = WeightSwapper(self.model, self.candidates.weights)
         return self
 
@@ -268,6 +281,11 @@ class PTQSession:
             self.stats_seconds = time.perf_counter() - start
         return self._stats
 
+    def _stats_cost(self) -> dict[str, Any]:
+        """The statistics pass as billed to one of its users: in full, marked shared (it
+        runs once per session, whichever user comes first)."""
+        return {"stats_seconds": self.stats_seconds, "stats": "shared"}
+
     # -- scores ---------------------------------------------------------------------------
     def game(self, ladder: bool = True) -> ProgressiveGame:
         keys = self.candidates.keys
@@ -322,20 +340,21 @@ class PTQSession:
         if method not in METHODS:
             raise SmpqError(f"unknown method {method!r}; known: {', '.join(ALL_METHODS)}")
         self.swapper.restore()
-        extra, moments, n_grad = 0.0, None, 0
+        extra, moments, n_grad, shared = 0.0, None, 0, {}
         stats = None
-        if method in ("hessian", "relerr"):
+        if method in ("hessian", "relerr"):  # the shared stats pass, billed whoever ran it
             stats = self.stats()
-            extra = self.stats_seconds
-        if method in ("fisher", "gradxdw"):
+            extra, shared = self.stats_seconds, self._stats_cost()
+        if method in ("fisher", "gradxdw"):  # gradients: recomputed per method, its own
             start = time.perf_counter()
             moments, n_grad = gradient_moments(self.model, self.linears, self.grad_batches,
                                                self.loss_fn)
             extra = time.perf_counter() - start
         res = baseline_scores(method, self.linears, self.groups, self.candidates, stats=stats,
                               moments=moments, n_grad_batches=n_grad)
-        cost = {"seconds": res.seconds + extra, "forward_passes": res.forward_passes,
-                "backward_passes": res.backward_passes}
+        cost = {"seconds": res.seconds + extra, "score_seconds": res.seconds,
+                "forward_passes": res.forward_passes,
+                "backward_passes": res.backward_passes, **shared}
         return res.scores, res.errors, cost
 
     # -- allocation and evaluation ---------------------------------------------------------
@@ -518,7 +537,8 @@ def _run_ptq(model: str, budget: Budget, backend: str, method: str, out: Path, s
         "binding": list(alloc.binding) if isinstance(alloc, Allocation) else [],
         "metrics": metrics, "float": session.float_metrics(), "search_cost": score_cost,
         "candidates_built": session.candidates.built,
-        "candidates_loaded": session.candidates.loaded, "checkpoint_note": note,
+        "candidates_loaded": session.candidates.loaded,
+        "candidate_cost": session.candidate_cost, "checkpoint_note": note,
         "seconds": time.perf_counter() - start, "limits": limits, "data": session.data_info,
         "shapley": config.to_dict() if result is not None else None,
     }
