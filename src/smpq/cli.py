@@ -526,9 +526,9 @@ def ptq(
     calib_tokens: int = typer.Option(
         None, help="Calibration tokens, whole blocks of 128 (default 2048)."),
     cache: Path = typer.Option(DEFAULT_CACHE, help="Cache folder (tiny-lm, the converted "
-                               "SmolLM2)."),
-    resume: bool = typer.Option(False, help="Reuse cached candidates and continue the "
-                                "search from its checkpoint."),
+                               "SmolLM2, candidate weights shared by all runs)."),
+    resume: bool = typer.Option(False, help="Continue the search from its checkpoint "
+                                "(cached candidate weights are always reused)."),
     seed: int = SeedOpt,
 ) -> None:
     """Post-training mixed precision for a transformer's linear layers (weight-only)."""

@@ -7,9 +7,11 @@
                                                 (1, 1) per tensor, (out, 1) per channel
                                 <name>.zeros    uint8 zero points, shaped like scales (asymmetric)
                               every other state-dict tensor unchanged (biases, norms, embeddings,
-                              float layers), under its own name
+                              float layers), under its own name; tied tensors (a float lm_head
+                              sharing the token embedding) once, under the first name
     <dir>/policy.json         the Policy
-    <dir>/quant_meta.json     format name and version, per layer shape / spec / scale dtype
+    <dir>/quant_meta.json     format name and version, per layer shape / spec / scale dtype,
+                              "tied": {alias: stored name} for the tensors stored once
 
 Storage codes are defined in `smpq.export.packing`. Each file is written atomically and
 quant_meta.json last, so a directory with a readable quant_meta.json is complete.
@@ -145,18 +147,29 @@ def _layer_meta(qt: QuantizedTensor, weight: Tensor, scale_dtype: str) -> dict:
     }
 
 
-def _plain_tensors(model: nn.Module, skip: set[str]) -> dict[str, Tensor]:
-    """State-dict tensors as is; tied / shared storages are copied (safetensors refuses them)."""
-    out, seen = {}, set()
+def _plain_tensors(model: nn.Module, skip: set[str]
+                   ) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """State-dict tensors as is, and {alias: key} for tied ones (e.g. lm_head.weight ->
+    model.embed_tokens.weight): the very same tensor is stored once, under its first key.
+    Other views of one storage are copied (safetensors refuses shared storages)."""
+    out: dict[str, Tensor] = {}
+    tied: dict[str, str] = {}
+    first: dict[tuple, str] = {}  # the exact view (pointer, dtype, shape, strides) -> first key
+    storages = set()
     for key, t in model.state_dict().items():
         if key in skip:
             continue
-        t = t.detach().cpu()
-        ptr = t.untyped_storage().data_ptr() if t.numel() else None
-        out[key] = t.clone() if ptr in seen else t.contiguous()
+        t = t.detach()
+        view = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        if t.numel() and view in first:
+            tied[key] = first[view]
+            continue
+        ptr = (t.device, t.untyped_storage().data_ptr()) if t.numel() else None
+        out[key] = t.cpu().clone() if ptr in storages else t.cpu().contiguous()
         if ptr is not None:
-            seen.add(ptr)
-    return out
+            storages.add(ptr)
+            first[view] = key
+    return out, tied
 
 
 def save_quantized(
@@ -178,7 +191,7 @@ def save_quantized(
         raise SmpqError(f"scale_dtype must be one of {sorted(SCALE_DTYPES)}, got {scale_dtype!r}")
     qts = _quantized_weights(model, policy, dict(qweights or {}))
     state_keys = set(model.state_dict())
-    tensors = _plain_tensors(model, {f"{n}.weight" for n in qts})
+    tensors, tied = _plain_tensors(model, {f"{n}.weight" for n in qts})
     layers = {}
     for name, qt in qts.items():
         new = _layer_tensors(name, qt, SCALE_DTYPES[scale_dtype])
@@ -194,6 +207,7 @@ def save_quantized(
         "packing": "uint8, LSB-first bit stream per output row, rows padded to whole bytes",
         "codes": "int sym: q + 2^(bits-1); int asym: q; 1 bit: 1 = +scale; minifloat: pattern",
         "layers": layers,
+        "tied": tied,
     }
     out = Path(path_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -220,6 +234,10 @@ def _read_meta(path: Path) -> dict:
         )
     if not isinstance(meta.get("layers"), dict):
         raise SmpqError(f"{path} has no 'layers' object")
+    tied = meta.setdefault("tied", {})  # absent in files written before ties were kept
+    if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                             for k, v in tied.items()):
+        raise SmpqError(f"{path}: 'tied' must map tensor names to tensor names")
     return meta
 
 
@@ -301,7 +319,8 @@ def load_quantized(path_dir: str | os.PathLike, model: nn.Module) -> nn.Module:
     """Load a `save_quantized` directory into `model` (same architecture), in place.
 
     Quantized layers get their dequantized (fake-quantized) weights as new parameters, which
-    also unties weights tied to them; everything else is loaded as stored. Returns `model`.
+    also unties weights tied to them; everything else is loaded as stored, a tensor stored
+    once for tied names (quant_meta.json "tied") into each of them. Returns `model`.
     """
     root = Path(path_dir)
     for fname in (META_FILE, POLICY_FILE, WEIGHTS_FILE):
@@ -322,6 +341,8 @@ def load_quantized(path_dir: str | os.PathLike, model: nn.Module) -> nn.Module:
         restored[name] = qt.dequantize(w.dtype).to(w.device)
     layer_keys = {f"{n}.{s}" for n in meta["layers"] for s in _SUFFIXES}
     plain = {k: t for k, t in tensors.items() if k not in layer_keys}
+    for alias, key in meta["tied"].items():  # stored once, loaded into both names
+        plain[alias] = _required(plain, key)
     _load_plain(model, plain, {f"{n}.weight" for n in meta["layers"]})
     for name, w in restored.items():
         module = model.get_submodule(name)

@@ -365,14 +365,21 @@ def _intx(spec: QuantSpec, bits: int) -> dict:
 
 
 def _torchao_int(spec: QuantSpec) -> TorchaoChoice:
-    """Int8/Int4WeightOnlyConfig where they fit (their kernels), IntxWeightOnlyConfig otherwise."""
+    """Exact where torchao has smpq's grid: asymmetric specs -> IntxWeightOnlyConfig
+    ASYMMETRIC (same scale, rounded zero point; bit-identical on CPU with torchao 0.18).
+    torchao's symmetric scale is amax / ((qmax - qmin) / 2) (int4: amax / 7.5), smpq's
+    amax / qmax (amax / 7), so no symmetric spec is exact: those use the kernel configs where
+    they fit (Int8WeightOnlyConfig; Int4WeightOnlyConfig, its own zero-point scheme, no CPU
+    path in torchao 0.18) and IntxWeightOnlyConfig SYMMETRIC otherwise, all approximate."""
     group = spec.granularity is Granularity.GROUP
-    if spec.bits == 8 and spec.symmetric and not group:
-        return {"config": "Int8WeightOnlyConfig", "args": {}}, False
+    if not spec.symmetric:
+        return _intx(spec, spec.bits), False
+    if spec.bits == 8 and not group:
+        return {"config": "Int8WeightOnlyConfig", "args": {}}, True
     if spec.bits == 4 and group and spec.group_size in _INT4_KERNEL_GROUPS:
         args = {"group_size": str(spec.group_size)}
-        return {"config": "Int4WeightOnlyConfig", "args": args}, False
-    return _intx(spec, spec.bits), spec.bits == 1  # torchao's int1 is {-1, 0}, not sign x scale
+        return {"config": "Int4WeightOnlyConfig", "args": args}, True
+    return _intx(spec, spec.bits), True  # int1: torchao's is {-1, 0}, not sign x scale
 
 
 def _torchao_fp8(spec: QuantSpec) -> TorchaoChoice:
@@ -447,7 +454,9 @@ def torchao_snippet(configs: dict[str, dict | None]) -> str:
         "config = FqnToConfig({",
         *(f"    {json.dumps(name)}: {_call(cfg)}," for name, cfg in configs.items()),
         "})",
-        "# quantize_(model, config)  # modules not listed stay float",
+        "# quantize_(model, config, filter_fn=None)  # torchao >= 0.15 (checked with 0.18);",
+        "# older torchao: quantize_(model, config). Modules not listed stay float. torchao",
+        "# needs each layer's input size divisible by its group size.",
         "",
     ]
     return "\n".join(lines)
@@ -476,9 +485,12 @@ def _readme(arch: str, args: list[str], warnings: dict[str, Warnings]) -> str:
         "group_size / sym for that module, `-:^name$` leaves it in float. GPTQ has 2/3/4/8 bits;",
         "other widths are rounded up. Modules not in the policy get the base config.\n",
         "## torchao_config.py / torchao_config.json (torchao)\n",
-        "Paste the snippet, then `quantize_(model, config)`. `Int4WeightOnlyConfig` picks its",
-        "own kernel layout and zero-point scheme; use `IntxWeightOnlyConfig` for an exact",
-        "symmetric/asymmetric integer grid. The JSON lists the same configs as data.\n",
+        "Paste the snippet, then `quantize_(model, config, filter_fn=None)` (torchao >= 0.15).",
+        "Asymmetric integer specs map to `IntxWeightOnlyConfig` with smpq's exact grid;",
+        "symmetric ones are approximate (torchao's symmetric scale is amax / ((qmax - qmin) / 2),",
+        "smpq's amax / qmax), `Int4WeightOnlyConfig` also has no CPU path in torchao 0.18. Each",
+        "layer's input size must be a multiple of its group size. The JSON lists the same configs",
+        "as data.\n",
         "## hf_quantization_config.json (Hugging Face config.json)\n",
         "A `quantization_config` block for a GPTQ checkpoint produced with these formats: base",
         "bits / group_size / sym are the most common ones, `dynamic` pins each layer (read by",

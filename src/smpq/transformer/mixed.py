@@ -3,8 +3,8 @@
 Units are share groups (`share_groups`: fused q/k/v and gate/up decide one format together);
 candidates c_0 < ... < c_{K-1} are weight QuantSpecs ordered by weight bits (ties keep the
 given order). Candidate weights (each (layer, candidate) quantized ONCE by the backend and
-cached as safetensors under `<out>/cache/candidates/`) live in `smpq.transformer.scores`,
-shared with the baselines, and are re-exported here.
+cached by content key under `<cache_dir>/candidates/`, shared by all runs) live in
+`smpq.transformer.scores`, shared with the baselines, and are re-exported here.
 
 The game, our reading of CoopQ's progressive game (Zhao et al. 2025) extended to K formats:
 

@@ -21,11 +21,17 @@ Files in `out`: policy.json, contributions.json (per player / per group; shapley
 its search log), summary.json, the packed checkpoint (model.safetensors + quant_meta.json,
 `smpq.export.load_quantized(out, m)`; not for AWQ backends, whose channel scales would need
 folding into the previous op), exports/ (llama.cpp, GPTQModel, torchao, HF),
-cache/candidates/, engine_state.json (shapley-loop) and shapley_state.json (Shapley game).
-Candidate weights are content-keyed and always reused; `resume=True` also continues the
-search from its checkpoint (without it, the search starts afresh). `run_ptq` claims `out`
-with `smpq.fileio.output_dir`: locked for the run, the final files written aside and swapped
-in at the end; the cache and the search state stay in `out` for resuming.
+engine_state.json (shapley-loop) and shapley_state.json (Shapley game).
+
+Candidate weights live in ONE shared cache, `<RunSettings.cache_dir>/candidates/` (CLI
+`--cache-dir`, default .cache/smpq), not in `out`: each file is named by its content key
+(`smpq.transformer.scores.candidate_key`: the layer's float weight, the spec, the backend, and
+for backends that read statistics the calibration digest and a digest of the whole model,
+since a layer's inputs depend on every weight upstream), written aside and renamed, so any
+run with any `out` reuses it and two runs filling one key at once leave one complete file.
+`resume=True` also continues the search from its checkpoint (without it, the search starts
+afresh). `run_ptq` claims `out` with `smpq.fileio.output_dir`: locked for the run, the final
+files written aside and swapped in at the end; the search state stays in `out` for resuming.
 """
 
 from __future__ import annotations
@@ -132,6 +138,15 @@ def _digest(*tensors: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
+def _model_digest(model: torch.nn.Module) -> str:
+    """Digest of every parameter and buffer (names, shapes, raw bytes) of `model`."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 class PTQSession:
     """One model, its data, references and candidate weights: score, allocate, evaluate.
 
@@ -169,19 +184,33 @@ class PTQSession:
         self._stats: dict | None = None
         self.stats_seconds = 0.0
         self.candidates: Any = None
+        self.candidate_cost: dict[str, Any] = {}
         self.swapper: Any = None
 
     def prepare(self) -> PTQSession:
-        """Quantize (or load from the cache) every candidate weight; needed before scoring."""
+        """Quantize (or load from the cache) every candidate weight; needed before scoring.
+
+        `candidate_cost` reports it apart from any method's cost: seconds in all, of which
+        `stats_seconds` is the calibration-statistics pass when the backend (GPTQ, AWQ) had
+        to build a candidate; that pass is shared, and billed in full to every user."""
         from smpq.transformer.values import WeightSwapper
 
         if self.candidates is None:
             needs = self.backend in STATS_BACKENDS  # RTN reads no Hessians: none collected
-            context = self.calib_digest if needs else ""
-            cache = self.out / "cache" / "candidates" if self.out else None
+            # a layer's statistics depend on the calibration data and every weight upstream
+            context = f"{self.calib_digest}:{_model_digest(self.model)}" if needs else ""
+            cache = Path(self.settings.cache_dir) / "candidates"  # shared, content-keyed
+            had_stats = self._stats is not None
             self.candidates = build_candidates(self.linears, self.specs, self.backend,
                                                self.stats if needs else None, cache, context,
                                                self.progress)
+            c = self.candidates
+            own = c.seconds - (self.stats_seconds if self._stats is not None and not had_stats
+                               else 0.0)  # a stats pass timed inside the build
+            used = needs and c.built > 0
+            self.candidate_cost = {"seconds": own + (self.stats_seconds if used else 0.0),
+                                   "quantize_seconds": own, "built": c.built,
+                                   "loaded": c.loaded, **(self._stats_cost() if used else {})}
             self.swapper = WeightSwapper(self.model, self.candidates.weights)
         return self
 
@@ -254,6 +283,11 @@ class PTQSession:
             self.stats_seconds = time.perf_counter() - start
         return self._stats
 
+    def _stats_cost(self) -> dict[str, Any]:
+        """The statistics pass as billed to one of its users: in full, marked shared (it
+        runs once per session, whichever user comes first)."""
+        return {"stats_seconds": self.stats_seconds, "stats": "shared"}
+
     # -- scores ---------------------------------------------------------------------------
     def game(self, ladder: bool = True) -> ProgressiveGame:
         keys = self.candidates.keys
@@ -308,20 +342,21 @@ class PTQSession:
         if method not in METHODS:
             raise SmpqError(f"unknown method {method!r}; known: {', '.join(ALL_METHODS)}")
         self.swapper.restore()
-        extra, moments, n_grad = 0.0, None, 0
+        extra, moments, n_grad, shared = 0.0, None, 0, {}
         stats = None
-        if method in ("hessian", "relerr"):
+        if method in ("hessian", "relerr"):  # the shared stats pass, billed whoever ran it
             stats = self.stats()
-            extra = self.stats_seconds
-        if method in ("fisher", "gradxdw"):
+            extra, shared = self.stats_seconds, self._stats_cost()
+        if method in ("fisher", "gradxdw"):  # gradients: recomputed per method, its own
             start = time.perf_counter()
             moments, n_grad = gradient_moments(self.model, self.linears, self.grad_batches,
                                                self.loss_fn)
             extra = time.perf_counter() - start
         res = baseline_scores(method, self.linears, self.groups, self.candidates, stats=stats,
                               moments=moments, n_grad_batches=n_grad)
-        cost = {"seconds": res.seconds + extra, "forward_passes": res.forward_passes,
-                "backward_passes": res.backward_passes}
+        cost = {"seconds": res.seconds + extra, "score_seconds": res.seconds,
+                "forward_passes": res.forward_passes,
+                "backward_passes": res.backward_passes, **shared}
         return res.scores, res.errors, cost
 
     # -- allocation and evaluation ---------------------------------------------------------
@@ -444,7 +479,7 @@ def run_ptq(model: str, budget: str | Budget, backend: str = "rtn",
     `options`: extra strategy options (shapley-loop: n_evaluations, top_k, priors)."""
     find = strategy.get(method, "transformer")
     budget = Budget.parse(budget) if isinstance(budget, str) else budget
-    with output_dir(out, keep=("cache", "shapley_state.json", *ENGINE_STATE_FILES)) as stage:
+    with output_dir(out, keep=("shapley_state.json", *ENGINE_STATE_FILES)) as stage:
         _check_budget_early(model, budget, candidates)
         return _run_ptq(model, budget, backend, method, Path(out), stage, candidates, seed,
                         resume, progress, settings, find, options)
@@ -509,7 +544,8 @@ def _run_ptq(model: str, budget: Budget, backend: str, method: str, out: Path, s
         "binding": list(alloc.binding) if isinstance(alloc, Allocation) else [],
         "metrics": metrics, "float": session.float_metrics(), "search_cost": score_cost,
         "candidates_built": session.candidates.built,
-        "candidates_loaded": session.candidates.loaded, "checkpoint_note": note,
+        "candidates_loaded": session.candidates.loaded,
+        "candidate_cost": session.candidate_cost, "checkpoint_note": note,
         "seconds": time.perf_counter() - start, "limits": limits, "data": session.data_info,
         "shapley": config.to_dict() if result is not None else None,
     }

@@ -2,8 +2,11 @@
 
 Candidates: weight formats as short strings (`parse_candidates`: int4g32 = asymmetric int4 in
 groups of 32, int8 = per channel, -sym = symmetric, fp4_e2m1g32 = minifloat), ordered by bits.
-Each (layer, format) is quantized ONCE by the backend and cached as safetensors keyed by a
-fingerprint (float weight, spec, backend, calibration digest), so a killed run redoes none.
+Each (layer, format) is quantized ONCE by the backend and cached as safetensors named by its
+content key (`candidate_key`: digest of the layer's float weight and shape, spec, backend, and
+the calibration digest for backends that read statistics) in one shared folder, so a killed
+run redoes none and runs with other output folders reuse them. Writes go to a temporary name
+and are renamed into place: two processes filling one key leave one complete file.
 
 Baselines: each method scores every (group, candidate) -- higher is better -- and all of them are
 allocated by the same exact MILP as the Shapley scores (`smpq.alloc.allocate_milp`), so only the
@@ -50,9 +53,10 @@ from smpq.spec import FLOAT_FORMATS, Granularity, QuantSpec
 __all__ = [
     "CONTRASTIVE_SCALE", "DEFAULT_CANDIDATES", "LAYER_ERRORS", "METHODS", "Candidates",
     "ScoreResult",
-    "baseline_scores", "build_candidates", "contrastive_loss", "gradient_moments",
+    "baseline_scores", "build_candidates", "candidate_key", "candidate_path", "contrastive_loss",
+    "gradient_moments",
     "group_scores", "hessian_errors", "layer_errors", "lm_loss", "parse_candidates",
-    "spec_key",
+    "spec_key", "weight_digest",
 ]
 
 DEFAULT_CANDIDATES = "int2g32,int3g32,int4g32,int8g32"
@@ -123,10 +127,25 @@ class Candidates:
         return tuple(spec_key(s) for s in self.specs)
 
 
-def _fingerprint(w: Tensor, spec: QuantSpec, backend: str, context: str) -> str:
-    h = hashlib.sha256(w.detach().float().contiguous().numpy().tobytes())
-    h.update(json.dumps([spec.to_dict(), backend, context], sort_keys=True).encode())
-    return h.hexdigest()[:24]
+def weight_digest(w: Tensor) -> str:
+    """sha256 of a weight's shape and float32 bytes: the layer part of a candidate key."""
+    h = hashlib.sha256(json.dumps(list(w.shape)).encode())
+    h.update(w.detach().float().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def candidate_key(w: Tensor | str, spec: QuantSpec, backend: str, context: str = "") -> str:
+    """Content key of one candidate weight: the float weight (or its `weight_digest`), the
+    spec, the backend and `context` (the calibration digest for backends that read stats)."""
+    digest = w if isinstance(w, str) else weight_digest(w)
+    h = hashlib.sha256(json.dumps([digest, spec.to_dict(), backend, context],
+                                  sort_keys=True).encode())
+    return h.hexdigest()[:32]
+
+
+def candidate_path(cache_dir: str | Path, key: str) -> Path:
+    """Where the candidate with content key `key` lives in a shared cache folder."""
+    return Path(cache_dir) / f"{key}.safetensors"
 
 
 def _quantize(w: Tensor, spec: QuantSpec, backend: str, stats: Mapping | None) -> dict[str, Tensor]:
@@ -163,8 +182,9 @@ def build_candidates(
     stats: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
     cache_dir: str | Path | None = None, context: str = "", progress: Progress | None = None,
 ) -> Candidates:
-    """Quantize every (layer, spec) once; reuse `cache_dir` entries whose fingerprint (float
-    weight, spec, backend, `context` e.g. a digest of the calibration data) matches.
+    """Quantize every (layer, spec) once; reuse `cache_dir` entries with the same content key
+    (`candidate_key`: float weight, spec, backend, `context` e.g. a calibration digest), which
+    may come from any earlier run, whatever its output folder.
 
     `stats` may be a callable, called only if something must be computed (resume skips it)."""
     from smpq.backends import BACKENDS
@@ -178,11 +198,12 @@ def build_candidates(
     total = len(linears) * len(specs)
     for i, (name, layer) in enumerate(linears.items()):
         w = layer.weight.detach()
+        digest = weight_digest(w) if cache_dir else ""
         weights[name], extras[name] = {}, {}
         for j, spec in enumerate(specs):
             key = spec_key(spec)
-            fp = _fingerprint(w, spec, backend, context)
-            path = Path(cache_dir) / f"{name}--{key}.safetensors" if cache_dir else None
+            fp = candidate_key(digest, spec, backend, context) if cache_dir else ""
+            path = candidate_path(cache_dir, fp) if cache_dir else None
             tensors = _load_cached(path, fp) if path else None
             if tensors is None:
                 if resolved is None and callable(stats):

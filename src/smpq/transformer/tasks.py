@@ -3,8 +3,9 @@
 A row is one candidate level per share group (`PTQSession.groups`), the progressive game's
 assignment; its value is `PTQSession.value(split)` with those candidate weights swapped in
 (-KL to the float model for causal LMs). `build(device)` loads the model and the candidate
-cache once per worker: run `prepare()` once on the driver with the same `out` first, so the
-workers read the quantized candidates from `<out>/cache/candidates/` instead of recomputing.
+cache once per worker: run `prepare()` once on the driver with the same settings first, so
+the workers read the quantized candidates from the shared content-keyed cache
+(`<settings.cache_dir>/candidates/`) instead of recomputing.
 """
 
 from __future__ import annotations
