@@ -40,7 +40,6 @@ import torch
 
 from smpq import strategy
 from smpq.cost import Budget
-from smpq.errors import SmpqError
 from smpq.fileio import atomic_write_text
 from smpq.strategy import SearchProblem
 from smpq.transformer import values
@@ -120,24 +119,28 @@ def run_part(backend: str, seed: int, args: argparse.Namespace) -> dict:
                          "bits": _bits(session, assignment), **_measure(session, assignment)})
             print(f"  {backend}:{seed} {bits} {name}: ppl {rows[-1]['test_perplexity']:.3f} "
                   f"in {wall:.1f}s", flush=True)
+    as_cost: dict = {}
     if "autoscheme" in methods:
         from smpq.transformer.peers import autoscheme_allocation
 
         try:
-            found, cost = autoscheme_allocation(session, budgets)
-        except SmpqError as e:
-            print(f"  autoscheme skipped: {e}", flush=True)
-            found, cost = {}, {"seconds": None, "error": str(e)}
+            found, as_cost = autoscheme_allocation(session, budgets)
+        except Exception as e:  # a peer's failure is a result to report, not a crash
+            import traceback
+
+            traceback.print_exc()
+            print(f"  autoscheme failed: {type(e).__name__}: {e}", flush=True)
+            found, as_cost = {}, {"seconds": None, "error": f"{type(e).__name__}: {e}"}
         for bits, assignment in found.items():
             rows.append({"backend": backend, "seed": seed, "avg_bits": bits,
-                         "method": "autoscheme", "seconds": cost["seconds"],
+                         "method": "autoscheme", "seconds": as_cost["seconds"],
                          "seconds_note": "one scoring run for all budgets",
                          "evaluations": None, "fits": _bits(session, assignment) <= bits + 1e-9,
                          "bits": _bits(session, assignment), **_measure(session, assignment)})
             print(f"  {backend}:{seed} {bits} autoscheme: ppl "
                   f"{rows[-1]['test_perplexity']:.3f}", flush=True)
-    part = {"backend": backend, "seed": seed, "float_test_perplexity":
-            session.refs["test"].perplexity, "prepare_seconds": prepare_s,
+    part = {"backend": backend, "seed": seed, "autoscheme": as_cost or None,
+            "float_test_perplexity": session.refs["test"].perplexity, "prepare_seconds": prepare_s,
             "forward_seconds": forward_s, "settings": vars(args) | {"part": None},
             "data": session.data_info, "rows": rows,
             "seconds": time.perf_counter() - start}
