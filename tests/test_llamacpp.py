@@ -213,6 +213,9 @@ WORDS = ("the of and to in is was for on that with as by at from his an were are
          "time river city year people state world music war film school game").split()
 
 
+VOCAB = 320  # 3 specials + 256 byte pieces + merges
+
+
 def _sentencepiece_folder(path, hidden=256, inter=512, layers=2):
     """A random Llama with a tiny sentencepiece vocabulary trained here (no download)."""
     import io
@@ -226,12 +229,13 @@ def _sentencepiece_folder(path, hidden=256, inter=512, layers=2):
     lines = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(400)]
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf,
-                                   vocab_size=160, model_type="bpe", minloglevel=2)
+                                   vocab_size=VOCAB, model_type="bpe", byte_fallback=True,
+                                   minloglevel=2)  # llama.cpp's SPM tokenizer needs bytes
     path.mkdir()
     (path / "tokenizer.model").write_bytes(buf.getvalue())
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        vocab_size=160, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     transformers.LlamaForCausalLM(cfg).save_pretrained(str(path))
@@ -299,9 +303,14 @@ def test_quantize_refuses_before_running(tiny_gguf, tmp_path):
 
 
 @needs_tools
-def test_perplexity_of_the_quantized_file(tiny_gguf, tmp_path):
+def test_perplexity_of_f32_and_q8_0(tiny_gguf, tmp_path):
     src, root = tiny_gguf
     res = lc.perplexity(src, root / "text.txt", ctx=64, chunks=4, tools=TOOLS)
-    assert res["chunks"] == 4 and res["ctx"] == 64
-    # a random model over 160 tokens: perplexity near the vocabulary size, far from 1
-    assert 20 < res["perplexity"] < 2000 and res["file_bytes"] == src.stat().st_size
+    assert res["chunks"] == 4 and res["ctx"] == 64 and res["file_bytes"] == src.stat().st_size
+    # a random model over 320 tokens: perplexity near the vocabulary size, far from 1
+    assert 50 < res["perplexity"] < 3000
+    q8 = lc.quantize(src, {}, tmp_path / "q8.gguf", "Q8_0", tools=TOOLS)
+    assert set(q8["type_counts"]) == {"q8_0", "f32"}  # f32: the 1-D norms
+    res8 = lc.perplexity(tmp_path / "q8.gguf", root / "text.txt", ctx=64, chunks=4, tools=TOOLS)
+    assert abs(res8["perplexity"] / res["perplexity"] - 1) < 0.01  # q8_0 is near lossless
+    assert res8["file_bytes"] < 0.3 * res["file_bytes"]

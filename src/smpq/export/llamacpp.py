@@ -48,6 +48,7 @@ __all__ = [
     "ENV_VAR",
     "GGUF_PPL_CHUNKS",
     "LlamaCppTools",
+    "base_ggml_type",
     "check_gguf_export",
     "ptq_gguf_export",
     "eval_text_file",
@@ -211,9 +212,18 @@ def gguf_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def base_ggml_type(base_type: str) -> str:
+    """The ggml type of a llama-quantize base type: itself, or a mix's ('q4_k_m' -> 'q4_k')."""
+    name = base_type.lower()
+    for cand in (name, re.sub(r"_(s|m|l)$", "", name)):
+        if cand in GGML_BLOCKS:
+            return cand
+    raise SmpqError(f"unknown llama-quantize type {base_type!r}; e.g. q8_0, q4_k_m, q3_k_m")
+
+
 def _checked(plan: dict[str, str], shapes: Mapping[str, Sequence[int]],
              base_type: str) -> dict[str, str]:
-    replaced = llama_cpp_fallbacks(shapes, plan, base_type)
+    replaced = llama_cpp_fallbacks(shapes, plan, base_ggml_type(base_type))
     if replaced:
         name, r = next(iter(replaced.items()))
         cols = shapes[name][-1] if len(shapes[name]) else 0
@@ -273,8 +283,6 @@ def quantize(src_gguf: str | os.PathLike, policy: Policy | Mapping[str, str],
     the result; returns `gguf_summary` of the file plus the plan and the seconds taken."""
     tools = tools or find_tools()
     src, out = Path(src_gguf), Path(out_path)
-    if base_type.lower() not in GGML_BLOCKS:
-        raise SmpqError(f"unknown llama-quantize base type {base_type!r}")
     shapes = gguf_shapes(src)
     plan = plan_types(policy, shapes, arch, base_type)
     out.parent.mkdir(parents=True, exist_ok=True)
