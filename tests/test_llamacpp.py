@@ -233,10 +233,13 @@ def _sentencepiece_folder(path, hidden=256, inter=512, layers=2):
                                    minloglevel=2)  # llama.cpp's SPM tokenizer needs bytes
     path.mkdir()
     (path / "tokenizer.model").write_bytes(buf.getvalue())
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>"}))  # transformers builds its tokenizer from tokenizer.model
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     transformers.LlamaForCausalLM(cfg).save_pretrained(str(path))
     return path, "\n".join(lines)
@@ -314,3 +317,34 @@ def test_perplexity_of_f32_and_q8_0(tiny_gguf, tmp_path):
     res8 = lc.perplexity(tmp_path / "q8.gguf", root / "text.txt", ctx=64, chunks=4, tools=TOOLS)
     assert abs(res8["perplexity"] / res["perplexity"] - 1) < 0.01  # q8_0 is near lossless
     assert res8["file_bytes"] < 0.3 * res["file_bytes"]
+
+
+@pytest.mark.slow  # ~1-4 min: the whole Wikipedia text is tokenized by a byte-fallback SPM
+@needs_tools
+def test_ptq_export_gguf_end_to_end(tiny_gguf, tmp_path):
+    """smpq ptq --export gguf on the tiny Llama: the file llama.cpp wrote holds the policy."""
+    pytest.importorskip("transformers")
+    from smpq.transformer.run import RunSettings, ptq_command
+
+    _, root = tiny_gguf
+    settings_cache = str(root / "cache")
+    text = ptq_command(model=str(root / "model"), budget="avg_bits=6", method="fisher",
+                       out=str(tmp_path / "out"), candidates="int4g32-sym,int8g32-sym",
+                       cache_dir=settings_cache, export="gguf")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    g = summary["gguf"]
+    assert f"llama-perplexity {g['llama_perplexity']:.4f}" in text.splitlines()[-1]
+    gguf_file = tmp_path / "out" / "exports" / "model.gguf"
+    assert g["file_bytes"] == gguf_file.stat().st_size and g["chunks"] >= 1
+    policy = json.loads((tmp_path / "out" / "policy.json").read_text())["layers"]
+    by_bits = {4: "q4_0", 8: "q8_0"}  # group 32, symmetric
+    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v",
+             "o_proj": "attn_output", "gate_proj": "ffn_gate", "up_proj": "ffn_up",
+             "down_proj": "ffn_down"}
+    stored = lc.gguf_summary(gguf_file)["types"]
+    assert len(policy) == 14
+    for fqn, choice in policy.items():
+        layer, module = fqn.split(".")[2], fqn.split(".")[-1]
+        assert stored[f"blk.{layer}.{names[module]}"] == by_bits[choice["weight"]["bits"]]
+    assert {stored["token_embd"], stored["output"]} <= {"q8_0", "q6_k"}  # base Q8_0's defaults
+    assert RunSettings().cache_dir != settings_cache
