@@ -92,6 +92,7 @@ def run(args: argparse.Namespace, allocate: Allocate | str | None) -> dict:
     rows: list[dict] = [{"name": "f32", "source": "convert_hf_to_gguf.py",
                          **_measure(src, text, args, tools)}]
     ratios: dict[str, float] = {}
+    sizes: dict[str, float] = {}  # ours / theirs in file bytes (the budget is their tensors)
     notes: list[str] = []
     if isinstance(allocate, str):
         notes.append(allocate)
@@ -108,15 +109,21 @@ def run(args: argparse.Namespace, allocate: Allocate | str | None) -> dict:
             continue
         log(f"smpq allocation at {theirs['tensor_bytes']} tensor bytes")
         t = time.perf_counter()
-        policy = allocate(mix, theirs["tensor_bytes"], {"src": src, "mix": mix})
-        alloc_s = time.perf_counter() - t
         ours_path = work / f"{src.stem}-smpq-{mix.lower()}.gguf"
-        q = lc.quantize(src, policy, ours_path, "q8_0", tools=tools, threads=args.threads)
+        try:
+            policy = allocate(mix, theirs["tensor_bytes"], {"src": src, "mix": mix})
+            alloc_s = time.perf_counter() - t
+            q = lc.quantize(src, policy, ours_path, "q8_0", tools=tools, threads=args.threads)
+        except SmpqError as exc:  # recorded, so the other sizes still run
+            notes.append(f"smpq at {mix} size failed: {exc}")
+            log(notes[-1])
+            continue
         ours = {"name": f"smpq at {mix} size", "mix": mix, "alloc_seconds": alloc_s,
                 "planned_bits_per_weight": q["planned_bits_per_weight"],
                 **_measure(ours_path, text, args, tools)}
         rows.append(ours)
         ratios[mix] = ours["perplexity"] / theirs["perplexity"]
+        sizes[mix] = ours["file_bytes"] / theirs["file_bytes"]
         log(f"smpq {mix}: {ours['file_bytes']} B, ppl {ours['perplexity']:.4f}")
     return {
         "benchmark": "llm_gguf", "model": args.model, "source_gguf": src.name,
@@ -124,7 +131,8 @@ def run(args: argparse.Namespace, allocate: Allocate | str | None) -> dict:
         "ctx": args.ctx, "chunks": args.chunks, "threads": args.threads,
         "machine": platform.processor() or platform.machine(), "notes": notes, "rows": rows,
         "seconds": time.perf_counter() - start,
-        "summary": {"gguf_ppl_ratio_vs_llamacpp": ratios},
+        "summary": {"gguf_ppl_ratio_vs_llamacpp": ratios,
+                    "gguf_size_ratio_vs_llamacpp": sizes},
     }
 
 
@@ -145,8 +153,9 @@ def markdown(res: dict) -> str:
     ratios = res["summary"]["gguf_ppl_ratio_vs_llamacpp"]
     lines.append("")
     if ratios:
-        lines.append("smpq / llama.cpp perplexity: " + ", ".join(
-            f"{k} {v:.3f}" for k, v in ratios.items()))
+        sizes = res["summary"]["gguf_size_ratio_vs_llamacpp"]
+        lines.append("smpq / llama.cpp perplexity (file size): " + ", ".join(
+            f"{k} {v:.3f} ({sizes[k]:.3f})" for k, v in ratios.items()))
     for note in res["notes"]:
         lines.append(f"Note: {note}.")
     lines.append(f"\nWall time {res['seconds']:.0f} s.")

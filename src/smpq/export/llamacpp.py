@@ -47,19 +47,19 @@ __all__ = [
     "DEFAULT_TOOLS_DIR",
     "ENV_VAR",
     "GGUF_PPL_CHUNKS",
-    "LlamaCppTools",
     "base_ggml_type",
     "check_gguf_export",
-    "ptq_gguf_export",
-    "eval_text_file",
     "convert_hf",
+    "eval_text_file",
     "find_tools",
     "gguf_report",
     "gguf_shapes",
     "gguf_summary",
+    "LlamaCppTools",
     "parse_perplexity",
     "perplexity",
     "plan_types",
+    "ptq_gguf_export",
     "quantize",
     "tensor_type_file",
 ]
@@ -127,8 +127,13 @@ def _run(cmd: Sequence[str | os.PathLike], log: Path, what: str,
     with open(log, "w") as f:
         f.write("$ " + " ".join(map(str, cmd)) + "\n")
         f.flush()
-        rc = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, env=dict(env) if env else None).returncode
+        try:
+            rc = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=dict(env) if env else None
+                                ).returncode
+        except OSError as exc:  # not executable, wrong architecture, ...
+            raise SmpqError(f"cannot run {what} ({cmd[0]}): {exc}; rebuild with "
+                            f"{BUILD_SCRIPT}") from None
     if rc != 0:
         raise SmpqError(f"{what} failed (exit {rc}): {_tail(log)} (full output in {log})")
     return time.perf_counter() - start
@@ -201,12 +206,18 @@ def tensor_type_file(policy: Policy, arch: str = "llama") -> str:
     return _type_lines(parse_tensor_type_args(args))
 
 
+def _tensors(path: str | os.PathLike) -> list[Any]:
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise SmpqError("reading GGUF files needs the gguf package: pip install gguf") from None
+    return list(GGUFReader(str(path)).tensors)
+
+
 def gguf_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """{base name: shape in torch order (rows, cols)} of a GGUF's '*.weight' tensors."""
-    from gguf import GGUFReader
-
     out = {}
-    for t in GGUFReader(str(path)).tensors:
+    for t in _tensors(path):
         if t.name.endswith(".weight"):  # GGUF stores ne order (columns first)
             out[t.name[: -len(".weight")]] = tuple(int(d) for d in reversed(t.shape))
     return out
@@ -261,9 +272,7 @@ def plan_types(policy: Policy | Mapping[str, str], shapes: Mapping[str, Sequence
 def gguf_summary(path: str | os.PathLike) -> dict[str, Any]:
     """File bytes, tensor bytes, parameters, bits per weight (tensor data, all tensors) and
     {tensor base name: stored type} of a GGUF file."""
-    from gguf import GGUFReader
-
-    tensors = GGUFReader(str(path)).tensors
+    tensors = _tensors(path)
     n_params = sum(int(t.n_elements) for t in tensors)
     n_bytes = sum(int(t.n_bytes) for t in tensors)
     types = {t.name.removesuffix(".weight"): t.tensor_type.name.lower() for t in tensors
