@@ -373,8 +373,15 @@ def perplexity(gguf: str | os.PathLike, text_file: str | os.PathLike, ctx: int =
            "-t", str(threads or _threads())]
     if chunks is not None:
         cmd += ["--chunks", str(chunks)]
-    seconds = _run(cmd, log_path, "llama-perplexity")
-    out = parse_perplexity(log_path.read_text(errors="replace"))
+    for attempt in range(3):  # llama.cpp's logger is asynchronous: on a loaded machine its
+        seconds = _run(cmd, log_path, "llama-perplexity")  # last lines can be lost at exit
+        try:
+            out = parse_perplexity(log_path.read_text(errors="replace"))
+            break
+        except SmpqError:
+            if attempt == 2:
+                raise SmpqError(f"llama-perplexity printed no final estimate in 3 runs: "
+                                f"{_tail(log_path)} (full output in {log_path})") from None
     return {**out, "file_bytes": gguf.stat().st_size, "seconds": seconds, "log": str(log_path)}
 
 
