@@ -82,6 +82,7 @@ def run(args: argparse.Namespace, allocate: Allocate | str | None) -> dict:
     def log(msg: str) -> None:
         print(f"{time.perf_counter() - start:8.1f}s {msg}", flush=True)
 
+    base = getattr(args, "smpq_base", "q8_0")  # for the tensors smpq's policy leaves out
     tools = lc.find_tools()
     folder = resolve_model(args.model, args.cache)[0]
     log(f"convert {folder}")
@@ -113,7 +114,7 @@ def run(args: argparse.Namespace, allocate: Allocate | str | None) -> dict:
         try:
             policy = allocate(mix, theirs["tensor_bytes"], {"src": src, "mix": mix})
             alloc_s = time.perf_counter() - t
-            q = lc.quantize(src, policy, ours_path, "q8_0", tools=tools, threads=args.threads)
+            q = lc.quantize(src, policy, ours_path, base, tools=tools, threads=args.threads)
         except SmpqError as exc:  # recorded, so the other sizes still run
             notes.append(f"smpq at {mix} size failed: {exc}")
             log(notes[-1])
@@ -129,6 +130,7 @@ def run(args: argparse.Namespace, allocate: Allocate | str | None) -> dict:
         "benchmark": "llm_gguf", "model": args.model, "source_gguf": src.name,
         "text": f"wikipedia test split, first {args.chunks} x {args.ctx} tokens",
         "ctx": args.ctx, "chunks": args.chunks, "threads": args.threads,
+        "smpq_base_type": base,
         "machine": platform.processor() or platform.machine(), "notes": notes, "rows": rows,
         "seconds": time.perf_counter() - start,
         "summary": {"gguf_ppl_ratio_vs_llamacpp": ratios,
@@ -138,7 +140,7 @@ def run(args: argparse.Namespace, allocate: Allocate | str | None) -> dict:
 
 def markdown(res: dict) -> str:
     lines = [
-        "# llama.cpp mixes vs smpq at equal file size (SmolLM2-135M)\n",
+        f"# llama.cpp mixes vs smpq at equal file size ({res['model']})\n",
         f"Perplexity by llama-perplexity on the {res['text']} (ctx {res['ctx']}), "
         f"{res['threads']} threads. Sizes are the GGUF files' bytes; bits per weight = tensor "
         "bytes x 8 / parameters (scales included, metadata excluded). Float weights: "
@@ -172,6 +174,8 @@ def main() -> None:
     ap.add_argument("--cache", default=".cache/smpq")
     ap.add_argument("--method", default=None, help="smpq allocation method (default: ptq's)")
     ap.add_argument("--no-smpq", action="store_true", help="measure llama.cpp's mixes only")
+    ap.add_argument("--smpq-base", default="q8_0", help="llama-quantize base type for the "
+                    "tensors smpq's policy leaves out (e.g. the token embedding)")
     ap.add_argument("--out", type=Path, default=RESULTS / "llm_gguf")
     args = ap.parse_args()
     allocate = (None if args.no_smpq else
