@@ -529,6 +529,10 @@ def ptq(
                                "SmolLM2, candidate weights shared by all runs)."),
     resume: bool = typer.Option(False, help="Continue the search from its checkpoint "
                                 "(cached candidate weights are always reused)."),
+    export: str = typer.Option(
+        None, help="gguf: also write exports/model.gguf with llama.cpp (llama-quantize with "
+        "the policy's types, refused if llama.cpp would replace any) and report its size and "
+        "llama-perplexity on the test text; needs scripts/build_llamacpp.sh once."),
     seed: int = SeedOpt,
 ) -> None:
     """Post-training mixed precision for a transformer's linear layers (weight-only)."""
@@ -551,7 +555,8 @@ def ptq(
                                evaluations=evaluations, top_k=top_k, value=value,
                                value_split=value_split,
                                calib_text=None if calib_text is None else str(calib_text),
-                               calib_tokens=calib_tokens, cache_dir=str(cache), progress=bar)
+                               calib_tokens=calib_tokens, cache_dir=str(cache), progress=bar,
+                               export=export)
         except KeyboardInterrupt:
             state = out / ("shapley_state.json" if method.startswith("shapley_")
                            or method == "shapley" else "engine_state.json")

@@ -137,6 +137,8 @@ def gguf_type(spec: QuantSpec | None) -> GgufChoice:
     """Nearest ggml type for a weight format and whether it is only approximate."""
     if spec is None:
         return "f16", False
+    if spec.fmt in GGML_BLOCKS:  # a GGUF block format as a candidate: that very type
+        return spec.fmt, False
     if spec.is_float:
         return _GGUF_FLOAT_BY_BITS[spec.bits], True
     return _GGUF_INT[spec.bits](spec)
@@ -476,9 +478,14 @@ def _readme(arch: str, args: list[str], warnings: dict[str, Warnings]) -> str:
         "as repeated `--tensor-type` arguments. Patterns are anchored regexes on GGUF tensor",
         "names. Pass a quantized base type (overrides are ignored when the base type is f16):\n",
         "    llama-quantize --tensor-type-file llama_cpp_tensor_types.txt in.gguf out.gguf Q8_0\n",
-        "Unlisted tensors get the base type's defaults. k-quants need row lengths divisible by",
-        "256, q4_0/q4_1/q8_0 by 32; llama.cpp falls back to another type otherwise. Layers left",
-        "float become f16. Command line form:\n",
+        "Unlisted tensors get the base type's defaults. k-quants (q2_k..q6_k) need row lengths",
+        "divisible by 256, q4_0/q4_1/q5_0/q5_1/q8_0/iq4_nl by 32; otherwise llama.cpp SILENTLY",
+        "stores another type (q2_k/q3_k -> q4_0, q4_k -> q5_0, q5_k -> q5_1, q6_k -> q8_0).",
+        "`smpq ptq --export gguf` refuses such plans; this file does not check shapes. Every",
+        "GGUF type re-quantizes with its own block layout, so only GGUF candidate formats (fmt",
+        "q4_0, q2_k, ...) are exact; int specs map by bit width (int4 g32 -> q4_0/q4_1, int2 ->",
+        "q2_k, int3 -> q3_k, ...; see docs/EXPORTS.md). Layers left float become f16.",
+        "Command line form:\n",
         "    llama-quantize " + shlex.join(args[:4]) + " ... in.gguf out.gguf Q8_0\n",
         "## gptqmodel_dynamic.json (GPTQModel)\n",
         "The `dynamic` argument of GPTQModel's `QuantizeConfig`: `+:^name$` sets bits /",
@@ -503,7 +510,8 @@ def _readme(arch: str, args: list[str], warnings: dict[str, Warnings]) -> str:
         for w in ws:
             targets_of.setdefault(w, []).append(target)
     notes = [f"- {w} ({', '.join(ts)})" for w, ts in targets_of.items()]
-    return "\n".join(sections + (notes or ["None: every mapping is exact in bit width."])) + "\n"
+    none = ["None beyond the notes above: each layer maps to a format of its bit width."]
+    return "\n".join(sections + (notes or none)) + "\n"
 
 
 def write_exports(

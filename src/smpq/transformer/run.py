@@ -462,6 +462,14 @@ def _write_model(session: PTQSession, out: Path, policy: Any) -> str | None:
     return note
 
 
+def _check_export(export: str, model: str, candidates: str | list, cache_dir: str) -> None:
+    if export != "gguf":
+        raise SmpqError(f"unknown export {export!r}; known: gguf")
+    from smpq.export.llamacpp import check_gguf_export
+
+    check_gguf_export(model, candidates, cache_dir)
+
+
 # the engine's checkpoints (one per value option), kept across the output swap for --resume
 ENGINE_STATE_FILES = tuple(f"engine_state{tag}{ext}" for tag in ("", "_val", "_neg_nll",
                                                                   "_val_neg_nll")
@@ -472,23 +480,26 @@ def run_ptq(model: str, budget: str | Budget, backend: str = "rtn",
             method: str = DEFAULT_METHOD, out: str | Path = "runs/ptq",
             candidates: str | list = DEFAULT_CANDIDATES, seed: int = 0, resume: bool = False,
             progress: Progress | None = None, settings: RunSettings = RunSettings(),
-            options: Mapping[str, Any] | None = None) -> dict:
+            options: Mapping[str, Any] | None = None, export: str | None = None) -> dict:
     """Allocate formats for `model` ("tiny-lm", "minilm" or a local HF folder) under
     `budget` (e.g. "avg_bits=3.5"), evaluate, write the files; returns the summary.
 
-    `options`: extra strategy options (shapley-loop: n_evaluations, top_k, priors)."""
+    `options`: extra strategy options (shapley-loop: n_evaluations, top_k, priors).
+    `export="gguf"`: also quantize with llama.cpp (smpq.export.llamacpp), checked first."""
     find = strategy.get(method, "transformer")
     budget = Budget.parse(budget) if isinstance(budget, str) else budget
+    if export is not None:  # before the output folder is claimed: nothing written
+        _check_export(export, model, candidates, settings.cache_dir)
     with output_dir(out, keep=("shapley_state.json", *ENGINE_STATE_FILES)) as stage:
         _check_budget_early(model, budget, candidates)
         return _run_ptq(model, budget, backend, method, Path(out), stage, candidates, seed,
-                        resume, progress, settings, find, options)
+                        resume, progress, settings, find, options, export)
 
 
 def _run_ptq(model: str, budget: Budget, backend: str, method: str, out: Path, stage: Path,
              candidates: str | list, seed: int, resume: bool, progress: Progress | None,
              settings: RunSettings, find: Callable,
-             options: Mapping[str, Any] | None = None) -> dict:
+             options: Mapping[str, Any] | None = None, export: str | None = None) -> dict:
     """run_ptq inside its claimed folder: caches and sampler state in `out`, files in
     `stage`."""
     config = replace(settings.shapley, seed=seed)
@@ -530,6 +541,12 @@ def _run_ptq(model: str, budget: Budget, backend: str, method: str, out: Path, s
     metrics = session.evaluate(choice)
     session.progress("write", 0, 1)
     note = _write_model(session, stage, policy)
+    gguf = None
+    if export == "gguf":
+        from smpq.export.llamacpp import ptq_gguf_export
+
+        gguf = ptq_gguf_export(model, policy, stage / "exports", session.data_info["text"],
+                               settings.cache_dir, progress=session.progress)
     contrib = _contributions(session, choice, scores, result, errors)
     if "engine" in found.info:
         contrib["engine"] = found.info["engine"]
@@ -549,6 +566,8 @@ def _run_ptq(model: str, budget: Budget, backend: str, method: str, out: Path, s
         "seconds": time.perf_counter() - start, "limits": limits, "data": session.data_info,
         "shapley": config.to_dict() if result is not None else None,
     }
+    if gguf is not None:
+        summary["gguf"] = gguf
     atomic_write_text(stage / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
     return summary
 
@@ -559,7 +578,8 @@ def ptq_command(model: str = "tiny-lm", budget: str = "avg_bits=3", backend: str
                 evaluations: int | None = None, top_k: int | None = None,
                 value: str | None = None, value_split: str | None = None,
                 calib_text: str | None = None, calib_tokens: int | None = None,
-                cache_dir: str | None = None, progress: Progress | None = None) -> str:
+                cache_dir: str | None = None, progress: Progress | None = None,
+                export: str | None = None) -> str:
     """`smpq ptq`: run_ptq with plain arguments; returns a short report for the terminal."""
     base = RunSettings()
     settings = replace(base, calib_text=calib_text, calib_tokens=calib_tokens,
@@ -568,7 +588,7 @@ def ptq_command(model: str = "tiny-lm", budget: str = "avg_bits=3", backend: str
                                  ("metric", value), ("value_split", value_split))
                if v is not None}
     s = run_ptq(model, budget, backend, method, out, candidates, seed, resume, progress,
-                settings, options)
+                settings, options, export)
     m = s["metrics"]
     main = (f"test perplexity {m['test_perplexity']:.4f} (float {s['float']['test_perplexity']:.4f}"
             f"), test KL {m['test_kl']:.5f}" if s["kind"] == "causal_lm" else
@@ -582,4 +602,11 @@ def ptq_command(model: str = "tiny-lm", budget: str = "avg_bits=3", backend: str
         f"binding: {', '.join(s['binding']) or 'none'}; search {cost['seconds']:.1f}"
         f" s, {cost['forward_passes']} forward passes"
         + (f" ({cost['evaluations']} policies evaluated)" if "evaluations" in cost else ""),
-        f"wrote {Path(out) / 'policy.json'}, summary.json, contributions.json"])
+        f"wrote {Path(out) / 'policy.json'}, summary.json, contributions.json",
+        *([_gguf_line(s["gguf"])] if "gguf" in s else [])])
+
+
+def _gguf_line(gguf: dict) -> str:
+    from smpq.export.llamacpp import gguf_report
+
+    return gguf_report(gguf)
