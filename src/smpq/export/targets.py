@@ -137,6 +137,8 @@ def gguf_type(spec: QuantSpec | None) -> GgufChoice:
     """Nearest ggml type for a weight format and whether it is only approximate."""
     if spec is None:
         return "f16", False
+    if spec.is_block:  # a GGUF block format is its own type
+        return spec.fmt, False
     if spec.is_float:
         return _GGUF_FLOAT_BY_BITS[spec.bits], True
     return _GGUF_INT[spec.bits](spec)
