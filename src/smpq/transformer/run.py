@@ -67,6 +67,7 @@ from smpq.transformer.mixed import (
 )
 from smpq.transformer.scores import (
     METHODS,
+    allowed_choices,
     baseline_scores,
     contrastive_loss,
     gradient_moments,
@@ -160,6 +161,9 @@ class PTQSession:
         self.groups = share_groups(list(self.linears), self.arch, settings.fuse)
         if not self.linears:
             raise SmpqError(f"model {model!r} has no linear layers smpq can quantize")
+        # per group, the candidate indices its layers can store (GGUF block formats need
+        # rows of whole blocks); strategies choose only among these, and only these are built
+        self.allowed = allowed_choices(self.linears, self.groups, self.specs)
         if budget is not None:  # before the data and the float references (minutes on LLMs)
             self.resolve(budget)
         self.progress("data", 0, 1)
@@ -177,9 +181,11 @@ class PTQSession:
             needs = self.backend in STATS_BACKENDS  # RTN reads no Hessians: none collected
             context = self.calib_digest if needs else ""
             cache = self.out / "cache" / "candidates" if self.out else None
+            per_layer = {n: ks for g, ks in zip(self.groups, self.allowed, strict=True)
+                         for n in g}
             self.candidates = build_candidates(self.linears, self.specs, self.backend,
                                                self.stats if needs else None, cache, context,
-                                               self.progress)
+                                               self.progress, per_layer)
             self.swapper = WeightSwapper(self.model, self.candidates.weights)
         return self
 
@@ -188,7 +194,8 @@ class PTQSession:
         candidates fits."""
         from smpq.spec import LayerChoice
 
-        allowed = {n: [LayerChoice(s, None) for s in self.specs] for n in self.linears}
+        allowed = {n: [LayerChoice(self.specs[k], None) for k in ks]
+                   for g, ks in zip(self.groups, self.allowed, strict=True) for n in g}
         return budget.resolve(self.cost, allowed)
 
     def check(self, budget: Budget) -> dict[str, float]:
@@ -373,7 +380,7 @@ class PTQSession:
 def _contributions(session: PTQSession, choice: tuple[int, ...], scores: Any,
                    result: ShapleyResult | None, errors: Mapping | None) -> dict:
     keys = session.candidates.keys
-    groups = [{"layers": g, "chosen": keys[c], "scores": dict(zip(keys, map(float, s),
+    groups = [{"layers": g, "chosen": keys[c], "scores": dict(zip(keys, map(_num, s),
                                                                    strict=True))}
               for g, c, s in zip(session.groups, choice, scores, strict=True)]
     out: dict[str, Any] = {"candidates": list(keys), "groups": groups}
@@ -387,7 +394,8 @@ def _contributions(session: PTQSession, choice: tuple[int, ...], scores: Any,
             "samples": int(result.n_samples[p])} for p in range(len(result.estimate))]
         out["value_full"], out["value_empty"] = result.value_full, result.value_empty
     if errors:
-        out["layer_errors"] = {n: dict(zip(keys, e, strict=True)) for n, e in errors.items()}
+        out["layer_errors"] = {n: dict(zip(keys, map(_num, e), strict=True))
+                               for n, e in errors.items()}
     return out
 
 

@@ -1,7 +1,10 @@
 """Candidate weights and the baseline allocators' scores (per-layer sensitivities).
 
 Candidates: weight formats as short strings (`parse_candidates`: int4g32 = asymmetric int4 in
-groups of 32, int8 = per channel, -sym = symmetric, fp4_e2m1g32 = minifloat), ordered by bits.
+groups of 32, int8 = per channel, -sym = symmetric, fp4_e2m1g32 = minifloat, q4_k = a GGUF
+block format, "gguf" = all of them), ordered by bits. A GGUF format is offered only to layers
+whose rows are whole blocks (K-quants: multiples of 256; `allowed_choices` per share group);
+the others are never built.
 Each (layer, format) is quantized ONCE by the backend and cached as safetensors keyed by a
 fingerprint (float weight, spec, backend, calibration digest), so a killed run redoes none.
 
@@ -43,19 +46,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from smpq.blockformats import BLOCK_FORMATS, available
 from smpq.errors import SmpqError
 from smpq.fileio import atomic_save_safetensors
 from smpq.spec import FLOAT_FORMATS, Granularity, QuantSpec
 
 __all__ = [
-    "CONTRASTIVE_SCALE", "DEFAULT_CANDIDATES", "LAYER_ERRORS", "METHODS", "Candidates",
-    "ScoreResult",
+    "CONTRASTIVE_SCALE", "DEFAULT_CANDIDATES", "GGUF_CANDIDATES", "LAYER_ERRORS", "METHODS",
+    "Candidates", "ScoreResult", "allowed_choices",
     "baseline_scores", "build_candidates", "contrastive_loss", "gradient_moments",
     "group_scores", "hessian_errors", "layer_errors", "lm_loss", "parse_candidates",
     "spec_key",
 ]
 
 DEFAULT_CANDIDATES = "int2g32,int3g32,int4g32,int8g32"
+GGUF_CANDIDATES = ",".join(BLOCK_FORMATS)  # the "gguf" preset: every GGUF block format
+_PRESETS = {"gguf": GGUF_CANDIDATES}
 CONTRASTIVE_SCALE = 20.0
 LossFn = Callable[[nn.Module, Any], Tensor]
 Progress = Callable[[str, int, int], None]
@@ -69,6 +75,8 @@ _TOKEN = re.compile(r"^(?P<fmt>int(?P<bits>\d+)|fp\d_e\dm\d)(?:g(?P<group>\d+)|(
 def spec_key(spec: QuantSpec) -> str:
     """Canonical candidate string (parse_candidates reads it back): int is asymmetric unless
     '-sym'; no suffix = per channel, 'g32' = groups of 32, 't' = per tensor."""
+    if spec.is_block:
+        return spec.fmt
     base = f"int{spec.bits}" if spec.fmt == "int" else spec.fmt
     gran = {Granularity.GROUP: f"g{spec.group_size}", Granularity.CHANNEL: "",
             Granularity.TENSOR: "t"}[spec.granularity]
@@ -76,10 +84,13 @@ def spec_key(spec: QuantSpec) -> str:
 
 
 def _parse_one(token: str) -> QuantSpec:
-    m = _TOKEN.match(token.strip().lower())
+    name = token.strip().lower()
+    if name in BLOCK_FORMATS:
+        return QuantSpec(bits=BLOCK_FORMATS[name].nominal_bits, fmt=name)
+    m = _TOKEN.match(name)
     if not m:
         raise SmpqError(f"cannot read candidate {token!r}; write e.g. int4g32, int8, int4g128-sym, "
-                        "fp4_e2m1g32")
+                        f"fp4_e2m1g32, a GGUF type ({', '.join(BLOCK_FORMATS)}) or gguf")
     fmt = "int" if m["bits"] else m["fmt"]
     if fmt != "int" and fmt not in FLOAT_FORMATS:
         known = ", ".join(FLOAT_FORMATS)
@@ -96,6 +107,8 @@ def _parse_one(token: str) -> QuantSpec:
 
 def parse_candidates(text: str | Sequence[str | QuantSpec]) -> tuple[QuantSpec, ...]:
     """At least two distinct weight formats, ordered by bits (stable): the precision ladder."""
+    if isinstance(text, str):
+        text = ",".join(_PRESETS.get(t.strip().lower(), t) for t in text.split(","))
     items = [t for t in text.split(",") if t.strip()] if isinstance(text, str) else list(text)
     specs = [s if isinstance(s, QuantSpec) else _parse_one(str(s)) for s in items]
     keys = [spec_key(s) for s in specs]
@@ -104,6 +117,26 @@ def parse_candidates(text: str | Sequence[str | QuantSpec]) -> tuple[QuantSpec, 
     if len(specs) < 2:
         raise SmpqError(f"need at least two candidate formats, got {keys}")
     return tuple(sorted(specs, key=lambda s: s.bits))
+
+
+def _fits(spec: QuantSpec, layer: nn.Module) -> bool:
+    """Whether `layer`'s weight rows (dim 1 onwards) hold whole blocks of a GGUF format."""
+    return not spec.is_block or available(spec.fmt, layer.weight[0].numel())
+
+
+def allowed_choices(linears: Mapping[str, nn.Module], groups: Sequence[Sequence[str]],
+                    specs: Sequence[QuantSpec]) -> tuple[tuple[int, ...], ...]:
+    """Per share group, the candidate indices every member can store (all for int/minifloat;
+    a GGUF format only where each member's row length is a whole number of its blocks)."""
+    out = []
+    for group in groups:
+        ks = tuple(k for k, s in enumerate(specs) if all(_fits(s, linears[n]) for n in group))
+        if not ks:
+            rows = sorted({linears[n].weight[0].numel() for n in group})
+            raise SmpqError(f"no candidate format can store group {group[0]!r} (row lengths "
+                            f"{rows}); add a 32-block GGUF type or an int format")
+        out.append(ks)
+    return tuple(out)
 
 
 @dataclass(frozen=True, eq=False)
@@ -162,11 +195,14 @@ def build_candidates(
     linears: Mapping[str, nn.Linear], specs: Sequence[QuantSpec], backend: str = "rtn",
     stats: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
     cache_dir: str | Path | None = None, context: str = "", progress: Progress | None = None,
+    allowed: Mapping[str, Sequence[int]] | None = None,
 ) -> Candidates:
     """Quantize every (layer, spec) once; reuse `cache_dir` entries whose fingerprint (float
     weight, spec, backend, `context` e.g. a digest of the calibration data) matches.
 
-    `stats` may be a callable, called only if something must be computed (resume skips it)."""
+    `stats` may be a callable, called only if something must be computed (resume skips it).
+    `allowed` ({layer: spec indices}, default all) limits what is built: a layer's weights
+    then hold only its allowed keys."""
     from smpq.backends import BACKENDS
 
     if backend not in BACKENDS:
@@ -175,11 +211,14 @@ def build_candidates(
     weights: dict[str, dict[str, Tensor]] = {}
     extras: dict[str, dict[str, dict[str, Tensor]]] = {}
     resolved: Mapping[str, Any] | None = None if callable(stats) else stats
-    total = len(linears) * len(specs)
-    for i, (name, layer) in enumerate(linears.items()):
+    todo = {n: [k for k in range(len(specs)) if allowed is None or k in allowed[n]]
+            for n in linears}
+    total, done = sum(len(v) for v in todo.values()), 0
+    for name, layer in linears.items():
         w = layer.weight.detach()
         weights[name], extras[name] = {}, {}
-        for j, spec in enumerate(specs):
+        for j in todo[name]:
+            spec = specs[j]
             key = spec_key(spec)
             fp = _fingerprint(w, spec, backend, context)
             path = Path(cache_dir) / f"{name}--{key}.safetensors" if cache_dir else None
@@ -195,8 +234,9 @@ def build_candidates(
                 loaded += 1
             weights[name][key] = tensors.pop("weight").to(w.dtype)
             extras[name][key] = tensors
+            done += 1
             if progress:
-                progress("candidates", i * len(specs) + j + 1, total)
+                progress("candidates", done, total)
     return Candidates(tuple(specs), weights, extras, built, loaded, time.perf_counter() - start)
 
 
@@ -335,8 +375,10 @@ def layer_errors(method: str, linears: Mapping[str, nn.Linear], candidates: Cand
     out = {}
     for name, layer in linears.items():
         w = layer.weight.detach().double()
-        out[name] = fn(name, w, [candidates.weights[name][k] for k in candidates.keys], stats,
-                       moments)
+        built = [k for k in candidates.keys if k in candidates.weights[name]]
+        errs = dict(zip(built, fn(name, w, [candidates.weights[name][k] for k in built], stats,
+                                  moments), strict=True))
+        out[name] = [errs.get(k, math.nan) for k in candidates.keys]  # nan: not allowed here
     return out
 
 
