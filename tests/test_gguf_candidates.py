@@ -47,7 +47,7 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def session(tmp_path_factory):
+def folder(tmp_path_factory):
     from smpq.transformer.tiny_lm import ByteTokenizer
 
     folder = tmp_path_factory.mktemp("llama96")
@@ -58,6 +58,11 @@ def session(tmp_path_factory):
         max_position_embeddings=64, tie_word_embeddings=False)
     transformers.LlamaForCausalLM(cfg).save_pretrained(str(folder))
     ByteTokenizer().save(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def session(folder):
     return PTQSession(str(folder), "rtn", CANDS, SMALL).prepare()
 
 
@@ -162,3 +167,23 @@ def test_budget_below_the_cheapest_allowed_policy_is_refused(session):
     with pytest.raises(SmpqError, match="budget infeasible"):
         session.resolve(Budget.parse(f"size={lo / 8 * 0.999}B"))
     session.resolve(Budget.parse(f"size={lo / 8 * 1.0001}B"))  # K-quant-free groups fit
+
+
+def test_run_ptq_writes_the_llama_cpp_types_and_no_packed_checkpoint(folder, tmp_path):
+    from smpq.policy import Policy
+    from smpq.transformer.run import run_ptq
+
+    out = tmp_path / "run"
+    summary = run_ptq(str(folder), "eff_bits=4.8", "rtn", "fisher", out, "gguf",
+                      settings=SMALL)
+    assert all(r["ok"] for r in summary["budget_check"])
+    assert "no packed checkpoint" in summary["checkpoint_note"]
+    assert not (out / "model.safetensors").exists()
+    policy = Policy.load(out / "policy.json")
+    lines = (out / "exports" / "llama_cpp_tensor_types.txt").read_text().split()
+    types = dict(line.split("=") for line in lines)
+    for name, choice in policy.layers.items():
+        fmt = choice.weight.fmt
+        cols = 256 if name.endswith("down_proj") else 96  # the config's widths
+        assert cols % _sizes(fmt)[0] == 0, (name, fmt)
+    assert sorted(set(types.values())) == sorted({c.weight.fmt for c in policy.layers.values()})

@@ -294,7 +294,7 @@ GPTQ_BITS = (2, 3, 4, 8)
 def _gptq_bits(spec: QuantSpec) -> tuple[int, bool]:
     """Fewest GPTQ bits >= the planned bits (never coarser); minifloats are approximate."""
     bits = min(b for b in GPTQ_BITS if b >= spec.bits)
-    return bits, spec.is_float or bits != spec.bits
+    return bits, spec.fmt != "int" or bits != spec.bits
 
 
 def _module_regex(name: str) -> str:
@@ -392,6 +392,11 @@ def _torchao_fp4(spec: QuantSpec) -> TorchaoChoice:
     return _intx(spec, 4), True
 
 
+def _torchao_block(spec: QuantSpec) -> TorchaoChoice:
+    """A GGUF block format: integers of its nominal width in its blocks (approximate)."""
+    return _intx(spec, spec.bits), True
+
+
 _TORCHAO: dict[str, Callable[[QuantSpec], TorchaoChoice]] = {
     "int": _torchao_int,
     "fp8_e4m3": _torchao_fp8,
@@ -412,7 +417,7 @@ def torchao_configs(policy: Policy) -> tuple[dict[str, dict | None], Warnings]:
         if spec is None:
             configs[name] = None
             continue
-        cfg, approx = _TORCHAO[spec.fmt](spec)
+        cfg, approx = _TORCHAO.get(spec.fmt, _torchao_block)(spec)
         if approx:
             warnings.append(f"{name}: {_label(spec)} approximated by {cfg['config']}")
         coarse = spec.granularity is Granularity.TENSOR

@@ -408,7 +408,11 @@ def _write_model(session: PTQSession, out: Path, policy: Any) -> str | None:
     from smpq.export import GGUF_NAME_MAPS, QuantizedTensor, save_quantized, write_exports
 
     note = None
-    if session.backend.startswith("awq"):
+    if any(c is not None and c.weight is not None and c.weight.is_block
+           for c in policy.layers.values()):
+        note = "GGUF block formats are llama.cpp's to store (exports/); no packed checkpoint"
+        policy.save(out / "policy.json")
+    elif session.backend.startswith("awq"):
         note = "AWQ weights carry per-channel scales the packed format cannot hold"
         policy.save(out / "policy.json")
     else:
