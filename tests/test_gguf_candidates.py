@@ -46,19 +46,22 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
+def _save_llama(folder, tied: bool):
     from smpq.transformer.tiny_lm import ByteTokenizer
 
-    folder = tmp_path_factory.mktemp("llama96")
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
         vocab_size=ByteTokenizer.vocab_size, hidden_size=96, intermediate_size=256,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-        max_position_embeddings=64, tie_word_embeddings=False)
+        max_position_embeddings=64, tie_word_embeddings=tied)
     transformers.LlamaForCausalLM(cfg).save_pretrained(str(folder))
     ByteTokenizer().save(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return _save_llama(tmp_path_factory.mktemp("llama96"), tied=False)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +70,7 @@ def session(folder):
 
 
 def _can_store(session, name: str, fmt: str) -> bool:
-    return session.linears[name].in_features % _sizes(fmt)[0] == 0
+    return session.linears[name].weight.shape[1] % _sizes(fmt)[0] == 0
 
 
 def _allowed_by_shape(session) -> list[list[int]]:
@@ -150,12 +153,19 @@ def test_score_methods_find_the_brute_force_optimum(session, method):
     budget = Budget.parse(f"size={limit / 8}B")
     scores, _, _ = session.baseline(method)
     allowed = _allowed_by_shape(session)
+    base = _size_bits(session, [a[0] for a in allowed])
+    # per group and allowed candidate: (score, size change against the group's first option)
+    opts = []
+    for g, a in enumerate(allowed):
+        ref = [a2[0] for a2 in allowed]
+        opts.append([(scores[g][k], _size_bits(session, ref[:g] + [k] + ref[g + 1:]) - base, k)
+                     for k in a])
     best, best_choice = -np.inf, None
-    for choice in itertools.product(*allowed):
-        if _size_bits(session, choice) <= limit * (1 + 1e-9):
-            v = sum(scores[g][k] for g, k in enumerate(choice))
+    for combo in itertools.product(*opts):
+        if base + sum(c[1] for c in combo) <= limit * (1 + 1e-9):
+            v = sum(c[0] for c in combo)
             if v > best:
-                best, best_choice = v, choice
+                best, best_choice = v, tuple(c[2] for c in combo)
     problem = SearchProblem(session, session.cost, budget, session.specs, seed=0)
     got = strategy.get(method, "transformer")(problem).detail.choice
     assert sum(scores[g][k] for g, k in enumerate(got)) == pytest.approx(best, rel=1e-9)
@@ -187,3 +197,43 @@ def test_run_ptq_writes_the_llama_cpp_types_and_no_packed_checkpoint(folder, tmp
         cols = 256 if name.endswith("down_proj") else 96  # the config's widths
         assert cols % _sizes(fmt)[0] == 0, (name, fmt)
     assert sorted(set(types.values())) == sorted({c.weight.fmt for c in policy.layers.values()})
+
+
+def test_embedding_and_output_layer_are_units(session, folder):
+    names = [g[0] for g in session.groups]
+    assert names[0] == "model.embed_tokens" and names[-1] == "lm_head"  # untied: two units
+    assert session.cost.layers["model.embed_tokens"].macs == 0  # a lookup
+    units = sum(m.weight.numel() for m in session.linears.values())
+    assert session.cost.other_params == sum(p.numel() for p in session.model.parameters()) - units
+    mixed = PTQSession(str(folder), "rtn", "int4g32,q4_0", SMALL)  # not all GGUF: linears only
+    assert "model.embed_tokens" not in mixed.linears and "lm_head" not in mixed.linears
+
+
+def test_tied_embedding_hessian_error_is_both_uses_output_error(tmp_path):
+    """The tied embedding's hessian error against the output error of both of its uses,
+    measured directly: 2/N sum_n |dW[t_n]|^2 (lookup) + 2/N sum_n |dW x_n|^2 (output layer,
+    x_n its inputs caught by a hook)."""
+    from smpq.transformer.scores import layer_errors
+
+    s = PTQSession(str(_save_llama(tmp_path / "tied", tied=True)), "rtn", CANDS, SMALL).prepare()
+    assert [g[0] for g in s.groups][0] == "model.embed_tokens"
+    assert "lm_head" not in s.linears
+    s.swapper.restore()
+    errors = layer_errors("hessian", s.linears, s.candidates, stats=s.stats())
+    xs = []
+    hook = s.model.lm_head.register_forward_pre_hook(lambda m, a: xs.append(a[0].detach()))
+    with torch.no_grad():
+        for b in s.calib_batches:
+            s.forward_fn(s.model, b)
+    hook.remove()
+    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs]).double()
+    tokens = s.calib.flatten()
+    w = s.model.model.embed_tokens.weight.detach().double()
+    for k, key in enumerate(s.candidates.keys):
+        q = s.candidates.weights["model.embed_tokens"].get(key)
+        if q is None:
+            assert np.isnan(errors["model.embed_tokens"][k])
+            continue
+        dw = q.double() - w
+        ref = 2 * (dw[tokens].square().sum() + (x @ dw.T).square().sum()) / len(tokens)
+        assert errors["model.embed_tokens"][k] == pytest.approx(float(ref), rel=1e-6)

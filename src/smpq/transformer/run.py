@@ -157,7 +157,11 @@ class PTQSession:
         self.progress("load", 0, 1)
         self.model, self.tokenizer, self.kind = _load(model, settings.cache_dir)
         self.model_name, self.arch = model, arch_of(self.model)
-        self.linears, self.cost = _model_cost(self.model)
+        # GGUF candidates: the token embedding and the output layer are units too, as in a
+        # GGUF file (Hugging Face causal LMs; a tied output layer is the embedding's unit)
+        self.embeddings = (self.kind == "causal_lm" and all(s.is_block for s in self.specs)
+                           and hasattr(self.model, "get_input_embeddings"))
+        self.linears, self.cost = _model_cost(self.model, self.embeddings)
         self.groups = share_groups(list(self.linears), self.arch, settings.fuse)
         if not self.linears:
             raise SmpqError(f"model {model!r} has no linear layers smpq can quantize")
@@ -254,10 +258,31 @@ class PTQSession:
             start = time.perf_counter()
             if self.swapper is not None:
                 self.swapper.restore()
-            self._stats = collect_input_stats(self.model, list(self.linears),
-                                              self.calib_batches, self.forward_fn)
+            self._stats = self._collect(collect_input_stats)
             self.stats_seconds = time.perf_counter() - start
         return self._stats
+
+    def _collect(self, collect: Callable) -> dict:
+        """Input statistics of the linear units; an embedding unit gets its calibration token
+        frequencies ("token_freq") and, when tied, the output layer's input Hessian
+        ("head_hessian"): together the Hessian of its two uses (smpq.transformer.scores)."""
+        from torch import nn
+
+        lin = [n for n, m in self.linears.items() if isinstance(m, nn.Linear)]
+        embs = [n for n, m in self.linears.items() if isinstance(m, nn.Embedding)]
+        head = self.model.get_output_embeddings() if embs else None
+        names = {id(m): n for n, m in self.model.named_modules()}
+        tied = (head is not None and head.weight is self.linears[embs[0]].weight
+                and id(head) in names)
+        stats = collect(self.model, lin + ([names[id(head)]] if tied else []),
+                        self.calib_batches, self.forward_fn)
+        for n in embs:
+            vocab = self.linears[n].weight.shape[0]
+            counts = torch.bincount(self.calib.flatten(), minlength=vocab).double()
+            stats[n] = {"token_freq": counts / counts.sum(), "n_tokens": int(counts.sum())}
+            if tied:
+                stats[n]["head_hessian"] = stats.pop(names[id(head)])["hessian"]
+        return stats
 
     # -- scores ---------------------------------------------------------------------------
     def game(self, ladder: bool = True) -> ProgressiveGame:

@@ -325,17 +325,31 @@ def hessian_errors(w: Tensor, qs: Sequence[Tensor], h: Tensor) -> list[float]:
     return [float(((d @ h) * d).sum()) for d in (q.double() - w.double() for q in qs)]
 
 
+def _output_errors(name: str, w: Tensor, qs: Sequence[Tensor], stats: Mapping | None,
+                   method: str) -> list[float]:
+    """tr(dW H dW^T) per candidate. A token embedding (stats with "token_freq" f) is a lookup
+    of one-hot inputs: H = 2 diag(f) over its rows, so the error is 2 sum_t f_t |dW_t|^2, plus
+    the output layer's tr(dW H dW^T) when it shares the tensor ("head_hessian")."""
+    st = (stats or {}).get(name) or {}
+    if "token_freq" not in st:
+        return hessian_errors(w, qs, _hessian(stats, name, method))
+    f = st["token_freq"].double().to(w.device)
+    out = [2.0 * float((f[:, None] * (q.double() - w).square()).sum()) for q in qs]
+    if st.get("head_hessian") is not None:
+        out = [a + b for a, b in zip(out, hessian_errors(w, qs, st["head_hessian"]), strict=True)]
+    return out
+
+
 def _hessian_errors(name: str, w: Tensor, qs: Sequence[Tensor], stats: Mapping | None,
                     moments: Mapping | None) -> list[float]:
-    return hessian_errors(w, qs, _hessian(stats, name, "hessian"))
+    return _output_errors(name, w, qs, stats, "hessian")
 
 
 def _relerr_errors(name: str, w: Tensor, qs: Sequence[Tensor], stats: Mapping | None,
                    moments: Mapping | None) -> list[float]:
-    h = _hessian(stats, name, "relerr")
-    base = hessian_errors(torch.zeros_like(w), [w], h)[0]
+    base = _output_errors(name, w, [torch.zeros_like(w)], stats, "relerr")[0]
     return [w.numel() * math.sqrt(max(e, 0.0) / max(base, 1e-30))
-            for e in hessian_errors(w, qs, h)]
+            for e in _output_errors(name, w, qs, stats, "relerr")]
 
 
 def _moment(method: str, key: str, name: str, moments: Mapping | None) -> Tensor:
