@@ -186,39 +186,43 @@ def _q8_0(x: Tensor) -> dict[str, Tensor]:
 
 
 _IQ4 = torch.tensor(IQ4NL_VALUES, dtype=torch.float32)
+_IQ4_BELOW = torch.cat([_IQ4[:1], _IQ4[:-1]])  # _IQ4_BELOW[mu] = _IQ4[mu - 1] for mu >= 1
 
 
-def _iq4_index(v: Tensor) -> Tensor:
-    """best_index_int8: nearest grid value, ties to the upper one, clamped at the ends."""
-    mu = torch.searchsorted(_IQ4, v.contiguous(), right=True).clamp(1, 15)
-    lower = (v - _IQ4[mu - 1]) < (_IQ4[mu] - v)
-    return torch.where(lower, mu - 1, mu)
-
-
-def _iq4_fit(x: Tensor, w: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-    q = _IQ4[idx]
-    wq = w * q
-    return _seqsum(wq * x), _seqsum(wq * q)
+def _iq4_pick(v: Tensor) -> tuple[Tensor, Tensor]:
+    """best_index_int8: (index, grid value) nearest to v, ties to the upper one, clamped."""
+    mu = torch.searchsorted(_IQ4, v.contiguous(), right=True).clamp_(1, 15)
+    lo, hi = _IQ4_BELOW[mu], _IQ4[mu]
+    lower = (v - lo) < (hi - v)
+    return mu - lower.long(), torch.where(lower, lo, hi)
 
 
 def _iq4_nl(x: Tensor, ntry: int = 7) -> dict[str, Tensor]:
-    """quantize_row_iq4_nl_impl for one 32-block (no importance matrix: weights x^2)."""
+    """quantize_row_iq4_nl_impl for one 32-block (no importance matrix: weights x^2).
+
+    Works on the transposed (32, n_blocks) view, so the sequential sums add contiguous rows."""
     amax, mx = _signed_absmax(x)
-    w = x * x
+    xt = x.T.contiguous()
+    wt = xt * xt
     v0 = float(IQ4NL_VALUES[0])
     safe_mx = torch.where(amax < _EPS, torch.ones_like(mx), mx)
+
+    def fit(idn: Tensor) -> tuple[Tensor, Tensor]:
+        q = _iq4_pick(xt * idn)[1]
+        wq = wt * q
+        return _seqsum((wq * xt).T), _seqsum((wq * q).T)
+
     d = (-safe_mx / v0) if ntry > 0 else (safe_mx / v0)
-    sumqx, sumq2 = _iq4_fit(x, w, _iq4_index(x * _rdiv(1.0, d)[:, None]))
+    sumqx, sumq2 = fit(_rdiv(1.0, d))
     d = torch.where(sumq2 > 0, sumqx / torch.where(sumq2 > 0, sumq2, 1.0), 0.0)
     best = d * sumqx
     for itry in range(-ntry, ntry + 1):
-        idn = _rdiv(itry + v0, safe_mx)
-        sqx, sq2 = _iq4_fit(x, w, _iq4_index(x * idn[:, None]))
+        sqx, sq2 = fit(_rdiv(itry + v0, safe_mx))
         better = (sq2 > 0) & (sqx * sqx > best * sq2)
         d = torch.where(better, sqx / torch.where(sq2 > 0, sq2, 1.0), d)
         best = torch.where(better, d * sqx, best)
     d = torch.where(amax < _EPS, 0.0, d)
-    idx = _iq4_index(x * _safe_inv(d)[:, None])
+    idx = _iq4_pick(x * _safe_inv(d)[:, None])[0]
     return {"d": _f16(d), "q": idx.to(torch.float32)}
 
 
