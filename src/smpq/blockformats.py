@@ -25,6 +25,10 @@ stored scales are rounded to fp16 exactly as `GGML_FP32_TO_FP16`. Only compiler 
 contraction in a build of llama.cpp can still flip a rare tie. Work is vectorised over blocks;
 the only Python loops run over positions inside a block or over the reference's search steps.
 
+Why one module past ~400 lines: the eleven quantizers share the C-semantics helpers and the
+table, and are checked together against gguf.quants, ggml-quants.c and llama-quantize; the
+K-quant search helpers are the piece to move out if it grows.
+
 `quantize_blocks(x, fmt)` returns the stored fields (codes and scales, see `FIELDS`) so that a
 packer can write llama.cpp's bytes; `dequantize_blocks` turns them back into floats in the same
 order of operations as `gguf.quants`; `fake_quantize_blocks` is the two together.
