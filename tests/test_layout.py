@@ -15,8 +15,8 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 # The shared core: formats, math, layers, policy, cost, Shapley engine, allocation, registry.
-CORE = ("errors", "fileio", "spec", "primitives", "observers", "modules", "apply", "policy",
-        "cost", "shapley", "alloc", "strategy")
+CORE = ("errors", "fileio", "blockformats", "spec", "primitives", "observers", "modules",
+        "apply", "policy", "cost", "shapley", "alloc", "strategy")
 # What the core must not reach: the two model families, backends/export, and the app layer.
 DOWNSTREAM = ("cnn", "transformer", "backends", "export", "compare", "report", "cli",
               "workflows")

@@ -238,4 +238,4 @@ def test_prior_gains_are_score_differences_up_each_ladder():
     order = np.array([2, 0, 1])
     scores = [[-1.0, 0.0, -5.0], [-2.0, -0.5, -3.0]]
     # group a: levels are c2 (-5), c0 (-1), c1 (0): gains 4, 1; group b: -3, -2, -0.5: 1, 1.5
-    assert prior_gains(sp, order, scores).tolist() == [4.0, 1.0, 1.0, 1.5]
+    assert prior_gains(sp, (order, order), scores).tolist() == [4.0, 1.0, 1.0, 1.5]

@@ -507,7 +507,10 @@ def ptq(
                                help=_either(strategy.names("transformer")) + "."),
     out: Path = typer.Option(Path("runs/ptq"), help="Output folder."),
     candidates: str = typer.Option("int2g32,int3g32,int4g32,int8g32",
-                                   help="Weight formats to choose from."),
+                                   help="Weight formats to choose from: int4g32, int8, "
+                                   "fp4_e2m1g32, GGUF types (q4_0, q4_k, iq4_nl, ...; each "
+                                   "layer gets only those its rows fit), or gguf (all GGUF "
+                                   "types, embedding and output layer included)."),
     evaluations: int = typer.Option(
         None, help="shapley-loop: policies evaluated (forward passes over the calibration "
         "text), the Fisher and uniform priors included (default 24)."),

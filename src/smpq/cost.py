@@ -14,6 +14,7 @@ Metrics of a policy (float layers count as 32/32):
 | bitops   | sum over layers of MACs x w_bits x a_bits (per sample)                        |
 | avg_bits | parameter-weighted mean weight bits over the quantizable layers              |
 | eff_bits | like avg_bits, but counting each layer's scale/zero-point storage too          |
+|          | (GGUF block formats count their true bits per weight: q4_k 4.5, q3_k 3.4375)  |
 
 Every metric is a sum of per-layer terms, so a budget is a set of linear constraints over
 per-layer choices (what the exact allocator needs).
@@ -57,6 +58,7 @@ from torch import Tensor, nn
 
 from smpq.alloc.problem import fits, infeasible_message
 from smpq.apply import quantizable_layers
+from smpq.blockformats import BLOCK_FORMATS
 from smpq.errors import SmpqError
 from smpq.policy import Policy
 from smpq.spec import Granularity, LayerChoice, QuantSpec, parse_bits_pair
@@ -104,6 +106,8 @@ def weight_bits(lc: LayerCost, spec: QuantSpec | None) -> float:
     """Storage of one layer's weight in bits, with scale and zero-point overhead."""
     if spec is None:
         return float(FLOAT_BITS * lc.params)
+    if spec.is_block:  # bytes on disk: whole blocks, scales included
+        return float(lc.params * BLOCK_FORMATS[spec.fmt].bpw)
     per_scale = spec.scale_bits + (0 if spec.symmetric else spec.bits)
     return float(lc.params * spec.bits + n_scales(lc.weight_shape, spec) * per_scale)
 

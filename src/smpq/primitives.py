@@ -12,6 +12,10 @@ Scales and zero points are shaped (rows, 1) so they broadcast on that view; a sc
 Arithmetic runs in float32 (float64 for float64 inputs) and the result is cast back to the
 input dtype, so half-precision inputs get the same grid as float32 ones.
 
+GGUF block formats (`spec.is_block`) are quantized whole by `smpq.blockformats` (llama.cpp's
+own scale search; no scale or zero point to pass in); their gradient is the plain
+straight-through estimator (every value lies inside its block's range).
+
 Gradients use a *clipped* straight-through estimator: d out / d x is 1 where x lies inside the
 representable range and 0 where it was clipped. Scales computed by `choose_qparams` are treated
 as constants; use the LSQ functions to learn them.
@@ -31,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from smpq.blockformats import fake_quantize_blocks
 from smpq.errors import SmpqError
 from smpq.spec import FLOAT_FORMATS, Granularity, MinifloatFormat, QuantSpec
 
@@ -133,6 +138,11 @@ def _rint(v: Tensor) -> Tensor:
     return (v + magic) - magic
 
 
+def _no_block(spec: QuantSpec, what: str) -> None:
+    if spec.is_block:
+        raise SmpqError(f"GGUF format {spec.fmt} has no {what}; use fake_quantize")
+
+
 def _safe_scale(scale: Tensor) -> Tensor:
     """Replace zero/denormal scales so all-zero groups quantize to 0 instead of NaN."""
     return scale.clamp_min(torch.finfo(scale.dtype).tiny)
@@ -202,6 +212,7 @@ def qparams_from_range(
 
     Returns float32 0-dim tensors for float bounds (tensors keep their shape).
     """
+    _no_block(spec, "scales from a range")
     lo_t = torch.as_tensor(lo, dtype=torch.float32) if not isinstance(lo, Tensor) else lo
     hi_t = torch.as_tensor(hi, dtype=torch.float32) if not isinstance(hi, Tensor) else hi
     return _QPARAMS_FROM_RANGE[spec.fmt](lo_t, hi_t, spec)
@@ -213,6 +224,7 @@ def choose_qparams(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor | None]:
 
     1-bit uses mean|x| per group, the L2-optimal scale for sign quantization.
     """
+    _no_block(spec, "min/max scales")
     g = group_view(x.detach().to(_compute_dtype(x)), spec)
     if spec.fmt == "int" and spec.bits == 1:
         counts = group_counts(x.shape, spec).to(g.device, g.dtype).clamp_min(1)
@@ -280,8 +292,14 @@ def fake_quantize(
 ) -> Tensor:
     """Quantize-dequantize `x` (same shape, dtype, device) with a clipped STE gradient.
 
-    Without `scale`, min/max qparams are computed from `x` by `choose_qparams`.
+    Without `scale`, min/max qparams are computed from `x` by `choose_qparams`. GGUF block
+    formats take no scale: llama.cpp's quantizer chooses them per block.
     """
+    if spec.is_block:
+        if scale is not None or zero_point is not None:
+            raise SmpqError(f"GGUF format {spec.fmt} chooses its own block scales; pass none")
+        out = fake_quantize_blocks(x.detach(), spec.fmt)
+        return _ClippedSTE.apply(x, out, torch.ones_like(x, dtype=torch.bool))
     g, s, zp = _prepare(x, spec, scale, zero_point)
     with torch.no_grad():
         q, mask = _UNIT[spec.fmt](spec, zp)(g / s)
@@ -391,6 +409,7 @@ def learned_fake_quantize(
 
     `x` is used as is (no grouped view): `step` must broadcast against it.
     """
+    _no_block(spec, "learned steps")
     zp = None if zero_point is None else zero_point.detach().to(x.dtype)
     return _LearnedStep.apply(x, step, _UNIT[spec.fmt](spec, zp), grad_scale)
 

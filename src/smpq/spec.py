@@ -9,8 +9,13 @@ A `QuantSpec` names one number format and how its scales are shared:
 | group       | out * ceil(in*prod(k) / group_size) (along in) | not supported     |
 
 Integer formats (`fmt="int"`) take 1 to 8 bits; 1 bit is sign times a scale. Minifloat formats
-take their bit count from the format name. A `LayerChoice` is what a policy gives one layer:
-a weight spec and an activation spec (either may be `None` = keep float).
+take their bit count from the format name. GGUF block formats (`fmt="q4_0"`, "q4_k", ...; the
+table in `smpq.blockformats`) are group-granular with the format's own block as group size
+(filled in when left at the defaults), `bits` is their nominal width (4 for q4_0) and their
+true size on disk (scales included) is what `smpq.cost.weight_bits` counts.
+
+A `LayerChoice` is what a policy gives one layer: a weight spec and an activation spec (either
+may be `None` = keep float).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from enum import Enum
 
+from smpq.blockformats import BLOCK_FORMATS
 from smpq.errors import SmpqError
 
 __all__ = [
@@ -109,8 +115,10 @@ class QuantSpec:
                 raise SmpqError(f"format {self.fmt} has {want} bits, got bits={self.bits}")
             if not self.symmetric:
                 raise SmpqError(f"minifloat format {self.fmt} is symmetric only")
+        elif self.fmt in BLOCK_FORMATS:
+            self._check_block()
         else:
-            known = ", ".join(["int", *FLOAT_FORMATS])
+            known = ", ".join(["int", *FLOAT_FORMATS, *BLOCK_FORMATS])
             raise SmpqError(f"unknown format {self.fmt!r}; known: {known}")
         if self.granularity is Granularity.GROUP:
             if not self.group_size or self.group_size < 1:
@@ -118,9 +126,28 @@ class QuantSpec:
         elif self.group_size is not None:
             raise SmpqError("group_size is only meaningful with granularity='group'")
 
+    def _check_block(self) -> None:
+        bf = BLOCK_FORMATS[self.fmt]
+        if self.bits != bf.nominal_bits:
+            raise SmpqError(f"format {self.fmt} has {bf.nominal_bits} bits, got bits={self.bits}")
+        if not self.symmetric:
+            raise SmpqError(f"GGUF format {self.fmt} fixes its own offsets; leave symmetric=True")
+        if self.granularity is Granularity.TENSOR and self.group_size is None:
+            object.__setattr__(self, "granularity", Granularity.GROUP)
+            object.__setattr__(self, "group_size", bf.block)
+        if self.granularity is not Granularity.GROUP or self.group_size != bf.block:
+            raise SmpqError(f"GGUF format {self.fmt} stores blocks of {bf.block}: use "
+                            f"granularity='group', group_size={bf.block}")
+
     @property
     def is_float(self) -> bool:
-        return self.fmt != "int"
+        """A minifloat format (not int, not a GGUF block format)."""
+        return self.fmt in FLOAT_FORMATS
+
+    @property
+    def is_block(self) -> bool:
+        """A GGUF block format (`smpq.blockformats`), fake-quantized by llama.cpp's rules."""
+        return self.fmt in BLOCK_FORMATS
 
     @property
     def minifloat(self) -> MinifloatFormat:
@@ -128,7 +155,9 @@ class QuantSpec:
 
     @property
     def label(self) -> str:
-        """Short human label, e.g. 'int4', 'int4g32', 'fp8_e4m3'."""
+        """Short human label, e.g. 'int4', 'int4g32', 'fp8_e4m3', 'q4_k' (GGUF type name)."""
+        if self.is_block:
+            return self.fmt
         base = f"int{self.bits}" if self.fmt == "int" else self.fmt
         if self.granularity is Granularity.GROUP:
             base += f"g{self.group_size}"

@@ -278,6 +278,9 @@ def gptq_quantize(
     """
     if w.dim() != 2:
         raise SmpqError(f"GPTQ expects a 2-D weight (out, in), got shape {tuple(w.shape)}")
+    if spec.is_block:
+        raise SmpqError(f"GPTQ with GGUF format {spec.fmt} is not supported (llama.cpp picks "
+                        "block scales itself); use the rtn backend")
     prep = h if isinstance(h, PreparedHessian) else prepare_hessian(h, config)
     n = w.shape[1]
     if tuple(prep.hinv_upper.shape) != (n, n):

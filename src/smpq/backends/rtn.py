@@ -17,7 +17,8 @@ __all__ = ["rtn_quantize_weight"]
 
 
 def rtn_quantize_weight(w: Tensor, spec: QuantSpec) -> Tensor:
-    """Fake-quantized copy of `w` (same shape/dtype, no autograd) for any int/minifloat spec."""
+    """Fake-quantized copy of `w` (same shape/dtype, no autograd) for any int/minifloat spec,
+    or a GGUF block format (llama.cpp's reference quantizer, via `fake_quantize`)."""
     if w.dim() < 1:
         raise SmpqError(f"a weight must be at least 1-D, got shape {tuple(w.shape)}")
     with torch.no_grad():

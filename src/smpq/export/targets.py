@@ -137,7 +137,7 @@ def gguf_type(spec: QuantSpec | None) -> GgufChoice:
     """Nearest ggml type for a weight format and whether it is only approximate."""
     if spec is None:
         return "f16", False
-    if spec.fmt in GGML_BLOCKS:  # a GGUF block format as a candidate: that very type
+    if spec.is_block:  # a GGUF block format is its own type
         return spec.fmt, False
     if spec.is_float:
         return _GGUF_FLOAT_BY_BITS[spec.bits], True
@@ -294,7 +294,7 @@ GPTQ_BITS = (2, 3, 4, 8)
 def _gptq_bits(spec: QuantSpec) -> tuple[int, bool]:
     """Fewest GPTQ bits >= the planned bits (never coarser); minifloats are approximate."""
     bits = min(b for b in GPTQ_BITS if b >= spec.bits)
-    return bits, spec.is_float or bits != spec.bits
+    return bits, spec.fmt != "int" or bits != spec.bits
 
 
 def _module_regex(name: str) -> str:
@@ -399,6 +399,11 @@ def _torchao_fp4(spec: QuantSpec) -> TorchaoChoice:
     return _intx(spec, 4), True
 
 
+def _torchao_block(spec: QuantSpec) -> TorchaoChoice:
+    """A GGUF block format: integers of its nominal width in its blocks (approximate)."""
+    return _intx(spec, spec.bits), True
+
+
 _TORCHAO: dict[str, Callable[[QuantSpec], TorchaoChoice]] = {
     "int": _torchao_int,
     "fp8_e4m3": _torchao_fp8,
@@ -419,7 +424,7 @@ def torchao_configs(policy: Policy) -> tuple[dict[str, dict | None], Warnings]:
         if spec is None:
             configs[name] = None
             continue
-        cfg, approx = _TORCHAO[spec.fmt](spec)
+        cfg, approx = _TORCHAO.get(spec.fmt, _torchao_block)(spec)
         if approx:
             warnings.append(f"{name}: {_label(spec)} approximated by {cfg['config']}")
         coarse = spec.granularity is Granularity.TENSOR

@@ -1,7 +1,9 @@
 """The default transformer strategy, `shapley-loop`: the engine (`smpq.engine`) on share groups.
 
 Units are the session's share groups (fused q/k/v and gate/up decide one format together);
-each is a 1-D ladder of the candidate formats ordered by cost, cheapest first. A policy's
+each is a 1-D ladder of the candidate formats ordered by cost, cheapest first, holding only
+the formats the group can store (`session.allowed`: GGUF K-quants need rows of whole
+256-blocks), so ladders can differ in length between units (`unit_ladders`). A policy's
 value is one weight swap (`WeightSwapper.set`, pointer swaps of cached candidates) and one
 forward pass over the calibration blocks: -KL(float || quantized) for causal LMs, minus the
 embedding cosine distance for encoders (`PTQSession.value`); the engine maximises
@@ -48,7 +50,7 @@ from smpq.strategy import SearchProblem, StrategyResult, register
 
 __all__ = ["DEFAULT_EVALUATIONS", "DEFAULT_FEATURE", "DEFAULT_PRIORS", "METRICS", "NAME",
            "SessionValue", "VALUE_SPLITS", "ladder_order", "policy_space", "prior_gains",
-           "shapley_loop"]
+           "shapley_loop", "unit_ladders"]
 
 NAME = "shapley-loop"
 # One evaluation is one forward over the calibration text: on SmolLM2-135M with 2,048 tokens
@@ -69,18 +71,31 @@ def ladder_order(costs: dict[str, list[np.ndarray]]) -> np.ndarray:
     return np.argsort(total, kind="stable")
 
 
+def unit_ladders(session: Any, order: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per unit, level -> candidate index: the global cost `order` restricted to the
+    candidates the group can store (all of them, for a session without `allowed`)."""
+    allowed = getattr(session, "allowed", None)
+    if allowed is None:
+        return (np.asarray(order),) * len(session.groups)
+    return tuple(np.array([int(c) for c in order if int(c) in set(a)], dtype=np.int64)
+                 for a in allowed)
+
+
 def policy_space(session: Any, budget: Any, resolved: Any) -> tuple[PolicySpace, np.ndarray]:
-    """(the engine's view of the session under `budget`, ladder level -> candidate index).
+    """(the engine's view of the session under `budget`, the global ladder order: candidate
+    indices from cheapest to richest; `unit_ladders` gives each unit's level -> candidate).
 
     Costs come from `session.budget_costs` (one resolution: unit limits bound the groups'
     sum); the space holds full-total limits, with offset = full limit - unit limit."""
     costs, unit_limits, _ = session.budget_costs(budget, resolved)
     order = ladder_order(costs)
+    ladders = unit_ladders(session, order)
     full = {m: float(v) for m, v in resolved.limits.items()}
     offsets = {m: full[m] - float(unit_limits[m]) for m in full}
     names = tuple(g[0] if len(g) == 1 else f"{g[0]}+{len(g) - 1}" for g in session.groups)
-    per_unit = {m: tuple(np.asarray(r, float)[order] for r in rows) for m, rows in costs.items()}
-    grid = ((len(order),),) * len(names)
+    per_unit = {m: tuple(np.asarray(r, float)[lad] for r, lad in zip(rows, ladders, strict=True))
+                for m, rows in costs.items()}
+    grid = tuple((len(lad),) for lad in ladders)
     return PolicySpace(names, grid, per_unit, offsets, full, ("w",)), order
 
 
@@ -142,27 +157,30 @@ def _session_priors(p: SearchProblem, resolved: Any, ckpt: Path | None, resume: 
     return priors, cost, scores
 
 
-def prior_gains(space: PolicySpace, order: np.ndarray, scores: list) -> np.ndarray:
+def prior_gains(space: PolicySpace, ladders: tuple[np.ndarray, ...], scores: list
+                ) -> np.ndarray:
     """Per engine step (`space.players` order): the score gain of climbing that ladder step,
-    score[g][order[k]] - score[g][order[k - 1]] (scores: per group, per candidate)."""
+    score[g][lad[k]] - score[g][lad[k - 1]] with lad = `ladders[g]` (level -> candidate) and
+    scores per group, per candidate."""
     rows = [np.asarray(r, float) for r in scores]
-    return np.array([rows[u][order[k]] - rows[u][order[k - 1]] for u, _, k in space.players])
+    return np.array([rows[u][ladders[u][k]] - rows[u][ladders[u][k - 1]]
+                     for u, _, k in space.players])
 
 
 class SessionValue:
     """The engine's value of a batch of ladder choices, with the forward passes timed."""
 
-    def __init__(self, session: Any, order: np.ndarray, split: str = "calib",
+    def __init__(self, session: Any, ladders: tuple[np.ndarray, ...], split: str = "calib",
                  metric: str = "neg_kl", planned: int = 0):
-        self.s, self.order, self.split, self.metric = session, order, split, metric
+        self.s, self.ladders, self.split, self.metric = session, ladders, split, metric
         self.planned = planned
         self.keys = session.candidates.keys
         self.calls, self.seconds, self.pending = 0, 0.0, 0
         self.seen: dict[tuple[int, ...], float] = {}  # ladder choice -> engine value
 
     def assignment(self, levels: np.ndarray) -> dict[str, str]:
-        return {n: self.keys[self.order[k]] for g, k in zip(self.s.groups, levels, strict=True)
-                for n in g}
+        return {n: self.keys[lad[k]] for g, lad, k in zip(self.s.groups, self.ladders, levels,
+                                                          strict=True) for n in g}
 
     def raw(self, levels: np.ndarray) -> float:
         """The value of one ladder choice on the split: the session's (-KL, or -(1 - cosine)
@@ -215,6 +233,7 @@ def shapley_loop(p: SearchProblem) -> StrategyResult:
     start = time.perf_counter()
     resolved = o.get("resolved") or s.resolve(p.budget)
     space, order = policy_space(s, p.budget, resolved)
+    ladders = unit_ladders(s, order)
     cfg = EngineConfig(evaluations=int(o.get("n_evaluations", DEFAULT_EVALUATIONS)),
                        top_k=o.get("top_k", 4), seed=p.seed,
                        screen_fraction=float(o.get("screen_fraction", 0.3)),
@@ -243,14 +262,15 @@ def shapley_loop(p: SearchProblem) -> StrategyResult:
     priors, prior_cost, prior_scores = _session_priors(p, resolved, ckpt, resume)
     prior_wall = time.perf_counter() - prior_start  # replaced by what the priors report
     feature = o.get("prior_feature", DEFAULT_FEATURE)
-    gains = prior_gains(space, order, prior_scores[feature]) if feature else None
+    gains = prior_gains(space, ladders, prior_scores[feature]) if feature else None
     if gains is not None and not np.all(np.isfinite(gains)):
         gains = None  # a score that cannot rank (e.g. all candidates alike) is no feature
     starts = set(p.options.get("priors", DEFAULT_PRIORS))
     priors = [(n, c) for n, c in priors if n in starts]
-    rank = np.argsort(order)  # candidate index -> ladder level
-    initial = np.array([[rank[c] for c in choice] for _, choice in priors], dtype=np.int64)
-    value = SessionValue(s, order, split, metric, cfg.evaluations)
+    ranks = [{int(c): k for k, c in enumerate(lad)} for lad in ladders]  # candidate -> level
+    initial = np.array([[r[c] for r, c in zip(ranks, choice, strict=True)]
+                        for _, choice in priors], dtype=np.int64)
+    value = SessionValue(s, ladders, split, metric, cfg.evaluations)
     if resume:
         value.load(ckpt)
     outer = o.get("progress")
@@ -260,7 +280,7 @@ def shapley_loop(p: SearchProblem) -> StrategyResult:
                          initial=initial if len(initial) else None, prior=gains)
     finally:
         s.swapper.restore()
-    choice = tuple(int(order[k]) for k in res.choice)
+    choice = tuple(int(lad[k]) for lad, k in zip(ladders, res.choice, strict=True))
     # the priors' reported cost (shared passes billed in full, read-back ones included)
     cost = {"seconds": time.perf_counter() - start - prior_wall + prior_cost["seconds"],
             "forward_passes": value.calls + prior_cost["forward_passes"],
@@ -271,35 +291,41 @@ def shapley_loop(p: SearchProblem) -> StrategyResult:
     policy = choice_policy(s.groups, s.specs, choice, meta={
         "method": NAME, "backend": s.backend, "budget": str(p.budget), "model": s.model_name,
         "candidates": [spec_key(x) for x in s.specs], "seed": p.seed})
-    prior_values = {n: value.seen.get(tuple(int(rank[c]) for c in ch)) for n, ch in priors}
+    prior_values = {n: value.seen.get(tuple(r[c] for r, c in zip(ranks, ch, strict=True)))
+                    for n, ch in priors}
     info = {"search_cost": cost, "binding": [],
-            "engine": engine_log(res, space, order, s.specs, cfg, priors, prior_values)}
+            "engine": engine_log(res, space, ladders, s.specs, cfg, priors, prior_values)}
     return StrategyResult(NAME, policy, cost["seconds"], cost["forward_passes"], value.seconds,
-                          info, detail=Allocated(choice, choice, _scores(res, order), None, None,
-                                                 cost))
+                          info, detail=Allocated(choice, choice,
+                                                 _scores(res, space, ladders, len(s.specs)),
+                                                 None, None, cost))
 
 
-def _scores(res: EngineResult, order: np.ndarray) -> tuple[np.ndarray, ...]:
+def _scores(res: EngineResult, space: PolicySpace, ladders: tuple[np.ndarray, ...],
+            n_candidates: int) -> tuple[np.ndarray, ...]:
     """Per group, per candidate (candidate order): the surrogate's ladder Shapley values
-    summed up the ladder (0 at the cheapest), as `choice_scores` does for the game."""
-    n_levels = len(order)
-    phi = np.asarray(res.shapley, float).reshape(-1, n_levels - 1)
+    summed up the unit's ladder (0 at the cheapest, nan where the group cannot store the
+    candidate), as `choice_scores` does for the game."""
+    phi = np.asarray(res.shapley, float)
+    rows: list[list[float]] = [[] for _ in ladders]
+    for (u, _, _), v in zip(space.players, phi, strict=True):  # unit order, steps in order
+        rows[u].append(float(v))
     out = []
-    for row in phi:
-        by_level = np.concatenate([[0.0], np.cumsum(row)])
-        scores = np.empty(n_levels)
-        scores[order] = by_level
+    for lad, row in zip(ladders, rows, strict=True):
+        scores = np.full(n_candidates, np.nan)
+        scores[lad] = np.concatenate([[0.0], np.cumsum(row)])
         out.append(scores)
     return tuple(out)
 
 
-def engine_log(res: EngineResult, space: PolicySpace, order: np.ndarray, specs: Any,
-               cfg: EngineConfig, priors: list, prior_values: dict) -> dict:
+def engine_log(res: EngineResult, space: PolicySpace, ladders: tuple[np.ndarray, ...],
+               specs: Any, cfg: EngineConfig, priors: list, prior_values: dict) -> dict:
     """What contributions.json and summary.json show of the search (JSON-able)."""
     from smpq.transformer.mixed import spec_key
 
-    keys = [spec_key(specs[i]) for i in order]
-    players = [{"group": u, "unit": space.units[u], "step": f"{keys[k - 1]}->{keys[k]}",
+    keys = [[spec_key(specs[i]) for i in lad] for lad in ladders]
+    players = [{"group": u, "unit": space.units[u],
+                "step": f"{keys[u][k - 1]}->{keys[u][k]}",
                 "estimate": phi, "stderr": se}
                for (u, _, k), phi, se in zip(space.players, res.shapley, res.shapley_se,
                                              strict=True)]

@@ -24,14 +24,36 @@ __all__ = ["check_architecture", "check_budget_early", "encode_pairs", "lm_block
 log = logging.getLogger("smpq.transformer.run")
 
 
-def model_cost(model: torch.nn.Module) -> tuple[dict[str, torch.nn.Module], ModelCost]:
-    """The linear layers smpq quantizes and their costs (the rest counts as float params)."""
+def model_cost(model: torch.nn.Module, embeddings: bool = False
+               ) -> tuple[dict[str, torch.nn.Module], ModelCost]:
+    """The linear layers smpq quantizes and their costs (the rest counts as float params).
+
+    embeddings=True adds the token embedding (first) and the output layer (last) as units, as
+    GGUF stores them (`token_embd`, `output`); a tied output layer shares the embedding's one
+    tensor, so it is that unit, not a second one. The embedding's MACs count only when tied
+    (the output matmul); a lookup has none."""
+    from smpq.cost import LayerCost
     from smpq.transformer.models import linear_layers
 
     linears = linear_layers(model)
-    quant = {id(p) for m in linears.values() for p in (m.weight, m.bias) if p is not None}
+    emb = tail = None
+    if embeddings:
+        names = {id(m): n for n, m in model.named_modules()}
+        inp, outp = model.get_input_embeddings(), model.get_output_embeddings()
+        if inp is None or id(inp) not in names:
+            raise SmpqError("this model has no token embedding to quantize")
+        emb = names[id(inp)]
+        if outp is not None and outp.weight is not inp.weight and id(outp) in names:
+            tail = names[id(outp)]
+        linears = {emb: inp, **linears, **({tail: outp} if tail else {})}
+    quant = {id(p) for m in linears.values() for p in (m.weight, getattr(m, "bias", None))
+             if p is not None}
     other = sum(p.numel() for p in model.parameters() if id(p) not in quant)
-    return linears, ModelCost.from_linears(linears, other_params=other)
+    cost = ModelCost.from_linears(linears, other_params=other)
+    if emb is not None and tail is not None:  # untied: the lookup does no multiply-adds
+        lc = cost.layers[emb]
+        cost.layers[emb] = LayerCost(lc.name, lc.kind, lc.weight_shape, lc.params, lc.bias, 0)
+    return linears, cost
 
 
 def check_budget_early(model: str, budget: Budget, candidates: str | list) -> None:

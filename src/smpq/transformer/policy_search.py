@@ -34,12 +34,14 @@ from smpq.transformer.engine_strategy import (
     VALUE_SPLITS,
     SessionValue,
     policy_space,
+    unit_ladders,
 )
 
 __all__ = ["local_moves", "local_search", "random_search"]
 
 
-def _setup(p: SearchProblem, name: str) -> tuple[Any, PolicySpace, np.ndarray, SessionValue, int]:
+def _setup(p: SearchProblem, name: str
+           ) -> tuple[Any, PolicySpace, tuple[np.ndarray, ...], SessionValue, int]:
     if p.budget is None:
         raise SmpqError(f"{name} needs a budget")
     s, o = p.model, p.options
@@ -54,15 +56,17 @@ def _setup(p: SearchProblem, name: str) -> tuple[Any, PolicySpace, np.ndarray, S
     resolved = o.get("resolved") or s.resolve(p.budget)
     space, order = policy_space(s, p.budget, resolved)
     space.check_feasible()
-    return s, space, order, SessionValue(s, order, split, metric, n), n
+    ladders = unit_ladders(s, order)  # per group: level -> candidate index
+    return s, space, ladders, SessionValue(s, ladders, split, metric, n), n
 
 
-def _result(name: str, p: SearchProblem, s: Any, order: np.ndarray, levels: np.ndarray,
+def _result(name: str, p: SearchProblem, s: Any, ladders: tuple[np.ndarray, ...],
+            levels: np.ndarray,
             value: SessionValue, start: float, extra: dict, curve: list[float]) -> StrategyResult:
     from smpq.transformer.mixed import choice_policy, spec_key
     from smpq.transformer.strategies import Allocated
 
-    choice = tuple(int(order[k]) for k in levels)
+    choice = tuple(int(lad[k]) for lad, k in zip(ladders, levels, strict=True))
     cost = {"seconds": time.perf_counter() - start,
             "forward_passes": value.calls + extra.get("forward_passes", 0),
             "backward_passes": extra.get("backward_passes", 0),
@@ -84,7 +88,7 @@ def _curve(values: list[float]) -> list[float]:
 @register("random", kind="transformer")
 def random_search(p: SearchProblem) -> StrategyResult:
     """The best of `n_evaluations` random policies on the budget frontier."""
-    s, space, order, value, n = _setup(p, "random")
+    s, space, ladders, value, n = _setup(p, "random")
     start = time.perf_counter()
     rng = np.random.default_rng([p.seed, 7])
     seen: dict[tuple[int, ...], float] = {}
@@ -101,7 +105,7 @@ def random_search(p: SearchProblem) -> StrategyResult:
     finally:
         s.swapper.restore()
     best = max(seen, key=seen.__getitem__)
-    return _result("random", p, s, order, np.array(best), value, start, {}, _curve(vals))
+    return _result("random", p, s, ladders, np.array(best), value, start, {}, _curve(vals))
 
 
 def local_moves(space: PolicySpace, levels: np.ndarray, rng: np.random.Generator,
@@ -138,13 +142,14 @@ def local_search(p: SearchProblem) -> StrategyResult:
     """First-improvement pair swaps from the Fisher allocation (module docstring)."""
     from smpq import strategy
 
-    s, space, order, value, n = _setup(p, "local")
+    s, space, ladders, value, n = _setup(p, "local")
     start = time.perf_counter()
     opts = {k: v for k, v in p.options.items() if k in ("config", "resolved")}
     fisher = strategy.get(p.options.get("start", "fisher"), "transformer")(SearchProblem(
         p.model, p.cost, p.budget, p.w_specs, seed=p.seed, options=opts))
-    rank = np.argsort(order)  # candidate index -> ladder level
-    cur = np.array([rank[c] for c in fisher.detail.choice], dtype=np.int64)
+    ranks = [{int(c): k for k, c in enumerate(lad)} for lad in ladders]  # candidate -> level
+    cur = np.array([r[int(c)] for r, c in zip(ranks, fisher.detail.choice, strict=True)],
+                   dtype=np.int64)
     rng = np.random.default_rng([p.seed, 11])
     vals: list[float] = []
     try:
@@ -171,4 +176,5 @@ def local_search(p: SearchProblem) -> StrategyResult:
                     break
     finally:
         s.swapper.restore()
-    return _result("local", p, s, order, cur, value, start, fisher.detail.cost, _curve(vals))
+    return _result("local", p, s, ladders, cur, value, start, fisher.detail.cost,
+                   _curve(vals))

@@ -73,6 +73,7 @@ from smpq.transformer.mixed import (
 )
 from smpq.transformer.scores import (
     METHODS,
+    allowed_choices,
     baseline_scores,
     contrastive_loss,
     gradient_moments,
@@ -173,10 +174,17 @@ class PTQSession:
         self.progress("load", 0, 1)
         self.model, self.tokenizer, self.kind = _load(model, settings.cache_dir)
         self.model_name, self.arch = model, arch_of(self.model)
-        self.linears, self.cost = _model_cost(self.model)
+        # GGUF candidates: the token embedding and the output layer are units too, as in a
+        # GGUF file (Hugging Face causal LMs; a tied output layer is the embedding's unit)
+        self.embeddings = (self.kind == "causal_lm" and all(s.is_block for s in self.specs)
+                           and hasattr(self.model, "get_input_embeddings"))
+        self.linears, self.cost = _model_cost(self.model, self.embeddings)
         self.groups = share_groups(list(self.linears), self.arch, settings.fuse)
         if not self.linears:
             raise SmpqError(f"model {model!r} has no linear layers smpq can quantize")
+        # per group, the candidate indices its layers can store (GGUF block formats need
+        # rows of whole blocks); strategies choose only among these, and only these are built
+        self.allowed = allowed_choices(self.linears, self.groups, self.specs)
         if budget is not None:  # before the data and the float references (minutes on LLMs)
             self.resolve(budget)
         self.progress("data", 0, 1)
@@ -201,9 +209,11 @@ class PTQSession:
             context = f"{self.calib_digest}:{_model_digest(self.model)}" if needs else ""
             cache = Path(self.settings.cache_dir) / "candidates"  # shared, content-keyed
             had_stats = self._stats is not None
+            per_layer = {n: ks for g, ks in zip(self.groups, self.allowed, strict=True)
+                         for n in g}
             self.candidates = build_candidates(self.linears, self.specs, self.backend,
                                                self.stats if needs else None, cache, context,
-                                               self.progress)
+                                               self.progress, per_layer)
             c = self.candidates
             own = c.seconds - (self.stats_seconds if self._stats is not None and not had_stats
                                else 0.0)  # a stats pass timed inside the build
@@ -219,7 +229,8 @@ class PTQSession:
         candidates fits."""
         from smpq.spec import LayerChoice
 
-        allowed = {n: [LayerChoice(s, None) for s in self.specs] for n in self.linears}
+        allowed = {n: [LayerChoice(self.specs[k], None) for k in ks]
+                   for g, ks in zip(self.groups, self.allowed, strict=True) for n in g}
         return budget.resolve(self.cost, allowed)
 
     def check(self, budget: Budget) -> dict[str, float]:
@@ -278,8 +289,7 @@ class PTQSession:
             start = time.perf_counter()
             if self.swapper is not None:
                 self.swapper.restore()
-            self._stats = collect_input_stats(self.model, list(self.linears),
-                                              self.calib_batches, self.forward_fn)
+            self._stats = self._collect(collect_input_stats)
             self.stats_seconds = time.perf_counter() - start
         return self._stats
 
@@ -287,6 +297,28 @@ class PTQSession:
         """The statistics pass as billed to one of its users: in full, marked shared (it
         runs once per session, whichever user comes first)."""
         return {"stats_seconds": self.stats_seconds, "stats": "shared"}
+
+    def _collect(self, collect: Callable) -> dict:
+        """Input statistics of the linear units; an embedding unit gets its calibration token
+        frequencies ("token_freq") and, when tied, the output layer's input Hessian
+        ("head_hessian"): together the Hessian of its two uses (smpq.transformer.scores)."""
+        from torch import nn
+
+        lin = [n for n, m in self.linears.items() if isinstance(m, nn.Linear)]
+        embs = [n for n, m in self.linears.items() if isinstance(m, nn.Embedding)]
+        head = self.model.get_output_embeddings() if embs else None
+        names = {id(m): n for n, m in self.model.named_modules()}
+        tied = (head is not None and head.weight is self.linears[embs[0]].weight
+                and id(head) in names)
+        stats = collect(self.model, lin + ([names[id(head)]] if tied else []),
+                        self.calib_batches, self.forward_fn)
+        for n in embs:
+            vocab = self.linears[n].weight.shape[0]
+            counts = torch.bincount(self.calib.flatten(), minlength=vocab).double()
+            stats[n] = {"token_freq": counts / counts.sum(), "n_tokens": int(counts.sum())}
+            if tied:
+                stats[n]["head_hessian"] = stats.pop(names[id(head)])["hessian"]
+        return stats
 
     # -- scores ---------------------------------------------------------------------------
     def game(self, ladder: bool = True) -> ProgressiveGame:
@@ -415,7 +447,7 @@ class PTQSession:
 def _contributions(session: PTQSession, choice: tuple[int, ...], scores: Any,
                    result: ShapleyResult | None, errors: Mapping | None) -> dict:
     keys = session.candidates.keys
-    groups = [{"layers": g, "chosen": keys[c], "scores": dict(zip(keys, map(float, s),
+    groups = [{"layers": g, "chosen": keys[c], "scores": dict(zip(keys, map(_num, s),
                                                                    strict=True))}
               for g, c, s in zip(session.groups, choice, scores, strict=True)]
     out: dict[str, Any] = {"candidates": list(keys), "groups": groups}
@@ -429,7 +461,8 @@ def _contributions(session: PTQSession, choice: tuple[int, ...], scores: Any,
             "samples": int(result.n_samples[p])} for p in range(len(result.estimate))]
         out["value_full"], out["value_empty"] = result.value_full, result.value_empty
     if errors:
-        out["layer_errors"] = {n: dict(zip(keys, e, strict=True)) for n, e in errors.items()}
+        out["layer_errors"] = {n: dict(zip(keys, map(_num, e), strict=True))
+                               for n, e in errors.items()}
     return out
 
 
@@ -442,7 +475,11 @@ def _write_model(session: PTQSession, out: Path, policy: Any) -> str | None:
     from smpq.export import GGUF_NAME_MAPS, QuantizedTensor, save_quantized, write_exports
 
     note = None
-    if session.backend.startswith("awq"):
+    if any(c is not None and c.weight is not None and c.weight.is_block
+           for c in policy.layers.values()):
+        note = "GGUF block formats are llama.cpp's to store (exports/); no packed checkpoint"
+        policy.save(out / "policy.json")
+    elif session.backend.startswith("awq"):
         note = "AWQ weights carry per-channel scales the packed format cannot hold"
         policy.save(out / "policy.json")
     else:

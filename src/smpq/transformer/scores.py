@@ -1,7 +1,10 @@
 """Candidate weights and the baseline allocators' scores (per-layer sensitivities).
 
 Candidates: weight formats as short strings (`parse_candidates`: int4g32 = asymmetric int4 in
-groups of 32, int8 = per channel, -sym = symmetric, fp4_e2m1g32 = minifloat), ordered by bits.
+groups of 32, int8 = per channel, -sym = symmetric, fp4_e2m1g32 = minifloat, q4_k = a GGUF
+block format, "gguf" = all of them), ordered by bits. A GGUF format is offered only to layers
+whose rows are whole blocks (K-quants: multiples of 256; `allowed_choices` per share group);
+the others are never built.
 Each (layer, format) is quantized ONCE by the backend and cached as safetensors named by its
 content key (`candidate_key`: digest of the layer's float weight and shape, spec, backend, and
 the calibration digest for backends that read statistics) in one shared folder, so a killed
@@ -46,13 +49,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from smpq.blockformats import BLOCK_FORMATS, available
 from smpq.errors import SmpqError
 from smpq.fileio import atomic_save_safetensors
 from smpq.spec import FLOAT_FORMATS, Granularity, QuantSpec
 
 __all__ = [
-    "CONTRASTIVE_SCALE", "DEFAULT_CANDIDATES", "LAYER_ERRORS", "METHODS", "Candidates",
-    "ScoreResult",
+    "CONTRASTIVE_SCALE", "DEFAULT_CANDIDATES", "GGUF_CANDIDATES", "LAYER_ERRORS", "METHODS",
+    "Candidates", "ScoreResult", "allowed_choices",
     "baseline_scores", "build_candidates", "candidate_key", "candidate_path", "contrastive_loss",
     "gradient_moments",
     "group_scores", "hessian_errors", "layer_errors", "lm_loss", "parse_candidates",
@@ -60,6 +64,8 @@ __all__ = [
 ]
 
 DEFAULT_CANDIDATES = "int2g32,int3g32,int4g32,int8g32"
+GGUF_CANDIDATES = ",".join(BLOCK_FORMATS)  # the "gguf" preset: every GGUF block format
+_PRESETS = {"gguf": GGUF_CANDIDATES}
 CONTRASTIVE_SCALE = 20.0
 LossFn = Callable[[nn.Module, Any], Tensor]
 Progress = Callable[[str, int, int], None]
@@ -73,6 +79,8 @@ _TOKEN = re.compile(r"^(?P<fmt>int(?P<bits>\d+)|fp\d_e\dm\d)(?:g(?P<group>\d+)|(
 def spec_key(spec: QuantSpec) -> str:
     """Canonical candidate string (parse_candidates reads it back): int is asymmetric unless
     '-sym'; no suffix = per channel, 'g32' = groups of 32, 't' = per tensor."""
+    if spec.is_block:
+        return spec.fmt
     base = f"int{spec.bits}" if spec.fmt == "int" else spec.fmt
     gran = {Granularity.GROUP: f"g{spec.group_size}", Granularity.CHANNEL: "",
             Granularity.TENSOR: "t"}[spec.granularity]
@@ -80,10 +88,13 @@ def spec_key(spec: QuantSpec) -> str:
 
 
 def _parse_one(token: str) -> QuantSpec:
-    m = _TOKEN.match(token.strip().lower())
+    name = token.strip().lower()
+    if name in BLOCK_FORMATS:
+        return QuantSpec(bits=BLOCK_FORMATS[name].nominal_bits, fmt=name)
+    m = _TOKEN.match(name)
     if not m:
         raise SmpqError(f"cannot read candidate {token!r}; write e.g. int4g32, int8, int4g128-sym, "
-                        "fp4_e2m1g32")
+                        f"fp4_e2m1g32, a GGUF type ({', '.join(BLOCK_FORMATS)}) or gguf")
     fmt = "int" if m["bits"] else m["fmt"]
     if fmt != "int" and fmt not in FLOAT_FORMATS:
         known = ", ".join(FLOAT_FORMATS)
@@ -100,6 +111,8 @@ def _parse_one(token: str) -> QuantSpec:
 
 def parse_candidates(text: str | Sequence[str | QuantSpec]) -> tuple[QuantSpec, ...]:
     """At least two distinct weight formats, ordered by bits (stable): the precision ladder."""
+    if isinstance(text, str):
+        text = ",".join(_PRESETS.get(t.strip().lower(), t) for t in text.split(","))
     items = [t for t in text.split(",") if t.strip()] if isinstance(text, str) else list(text)
     specs = [s if isinstance(s, QuantSpec) else _parse_one(str(s)) for s in items]
     keys = [spec_key(s) for s in specs]
@@ -108,6 +121,26 @@ def parse_candidates(text: str | Sequence[str | QuantSpec]) -> tuple[QuantSpec, 
     if len(specs) < 2:
         raise SmpqError(f"need at least two candidate formats, got {keys}")
     return tuple(sorted(specs, key=lambda s: s.bits))
+
+
+def _fits(spec: QuantSpec, layer: nn.Module) -> bool:
+    """Whether `layer`'s weight rows (dim 1 onwards) hold whole blocks of a GGUF format."""
+    return not spec.is_block or available(spec.fmt, layer.weight[0].numel())
+
+
+def allowed_choices(linears: Mapping[str, nn.Module], groups: Sequence[Sequence[str]],
+                    specs: Sequence[QuantSpec]) -> tuple[tuple[int, ...], ...]:
+    """Per share group, the candidate indices every member can store (all for int/minifloat;
+    a GGUF format only where each member's row length is a whole number of its blocks)."""
+    out = []
+    for group in groups:
+        ks = tuple(k for k, s in enumerate(specs) if all(_fits(s, linears[n]) for n in group))
+        if not ks:
+            rows = sorted({linears[n].weight[0].numel() for n in group})
+            raise SmpqError(f"no candidate format can store group {group[0]!r} (row lengths "
+                            f"{rows}); add a 32-block GGUF type or an int format")
+        out.append(ks)
+    return tuple(out)
 
 
 @dataclass(frozen=True, eq=False)
@@ -181,12 +214,15 @@ def build_candidates(
     linears: Mapping[str, nn.Linear], specs: Sequence[QuantSpec], backend: str = "rtn",
     stats: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
     cache_dir: str | Path | None = None, context: str = "", progress: Progress | None = None,
+    allowed: Mapping[str, Sequence[int]] | None = None,
 ) -> Candidates:
     """Quantize every (layer, spec) once; reuse `cache_dir` entries with the same content key
     (`candidate_key`: float weight, spec, backend, `context` e.g. a calibration digest), which
     may come from any earlier run, whatever its output folder.
 
-    `stats` may be a callable, called only if something must be computed (resume skips it)."""
+    `stats` may be a callable, called only if something must be computed (resume skips it).
+    `allowed` ({layer: spec indices}, default all) limits what is built: a layer's weights
+    then hold only its allowed keys."""
     from smpq.backends import BACKENDS
 
     if backend not in BACKENDS:
@@ -195,12 +231,15 @@ def build_candidates(
     weights: dict[str, dict[str, Tensor]] = {}
     extras: dict[str, dict[str, dict[str, Tensor]]] = {}
     resolved: Mapping[str, Any] | None = None if callable(stats) else stats
-    total = len(linears) * len(specs)
-    for i, (name, layer) in enumerate(linears.items()):
+    todo = {n: [k for k in range(len(specs)) if allowed is None or k in allowed[n]]
+            for n in linears}
+    total, done = sum(len(v) for v in todo.values()), 0
+    for name, layer in linears.items():
         w = layer.weight.detach()
         digest = weight_digest(w) if cache_dir else ""
         weights[name], extras[name] = {}, {}
-        for j, spec in enumerate(specs):
+        for j in todo[name]:
+            spec = specs[j]
             key = spec_key(spec)
             fp = candidate_key(digest, spec, backend, context) if cache_dir else ""
             path = candidate_path(cache_dir, fp) if cache_dir else None
@@ -216,8 +255,9 @@ def build_candidates(
                 loaded += 1
             weights[name][key] = tensors.pop("weight").to(w.dtype)
             extras[name][key] = tensors
+            done += 1
             if progress:
-                progress("candidates", i * len(specs) + j + 1, total)
+                progress("candidates", done, total)
     return Candidates(tuple(specs), weights, extras, built, loaded, time.perf_counter() - start)
 
 
@@ -306,17 +346,31 @@ def hessian_errors(w: Tensor, qs: Sequence[Tensor], h: Tensor) -> list[float]:
     return [float(((d @ h) * d).sum()) for d in (q.double() - w.double() for q in qs)]
 
 
+def _output_errors(name: str, w: Tensor, qs: Sequence[Tensor], stats: Mapping | None,
+                   method: str) -> list[float]:
+    """tr(dW H dW^T) per candidate. A token embedding (stats with "token_freq" f) is a lookup
+    of one-hot inputs: H = 2 diag(f) over its rows, so the error is 2 sum_t f_t |dW_t|^2, plus
+    the output layer's tr(dW H dW^T) when it shares the tensor ("head_hessian")."""
+    st = (stats or {}).get(name) or {}
+    if "token_freq" not in st:
+        return hessian_errors(w, qs, _hessian(stats, name, method))
+    f = st["token_freq"].double().to(w.device)
+    out = [2.0 * float((f[:, None] * (q.double() - w).square()).sum()) for q in qs]
+    if st.get("head_hessian") is not None:
+        out = [a + b for a, b in zip(out, hessian_errors(w, qs, st["head_hessian"]), strict=True)]
+    return out
+
+
 def _hessian_errors(name: str, w: Tensor, qs: Sequence[Tensor], stats: Mapping | None,
                     moments: Mapping | None) -> list[float]:
-    return hessian_errors(w, qs, _hessian(stats, name, "hessian"))
+    return _output_errors(name, w, qs, stats, "hessian")
 
 
 def _relerr_errors(name: str, w: Tensor, qs: Sequence[Tensor], stats: Mapping | None,
                    moments: Mapping | None) -> list[float]:
-    h = _hessian(stats, name, "relerr")
-    base = hessian_errors(torch.zeros_like(w), [w], h)[0]
+    base = _output_errors(name, w, [torch.zeros_like(w)], stats, "relerr")[0]
     return [w.numel() * math.sqrt(max(e, 0.0) / max(base, 1e-30))
-            for e in hessian_errors(w, qs, h)]
+            for e in _output_errors(name, w, qs, stats, "relerr")]
 
 
 def _moment(method: str, key: str, name: str, moments: Mapping | None) -> Tensor:
@@ -356,8 +410,10 @@ def layer_errors(method: str, linears: Mapping[str, nn.Linear], candidates: Cand
     out = {}
     for name, layer in linears.items():
         w = layer.weight.detach().double()
-        out[name] = fn(name, w, [candidates.weights[name][k] for k in candidates.keys], stats,
-                       moments)
+        built = [k for k in candidates.keys if k in candidates.weights[name]]
+        errs = dict(zip(built, fn(name, w, [candidates.weights[name][k] for k in built], stats,
+                                  moments), strict=True))
+        out[name] = [errs.get(k, math.nan) for k in candidates.keys]  # nan: not allowed here
     return out
 
 

@@ -13,6 +13,11 @@ candidate formats. Each method scores every (group, candidate) and allocates the
 | hessian, fisher, | per-layer errors (smpq.transformer.scores)  | exact MILP                 |
 | gradxdw, relerr  |                                             |                            |
 
+Availability: a session's `allowed` (per group, the candidate indices its layers can store;
+GGUF K-quants need rows of whole 256-blocks) restricts every allocation: the MILPs see only
+the allowed choices of each group, uniform only the candidates every group allows. The
+Shapley-game strategies need one ladder for all groups and refuse otherwise.
+
 Options: `config` (MixedConfig; its seed is replaced by the problem's), `state_path` and
 `resume` (Shapley sampling state); `scores` (+ `shapley_result`, `score_cost`) to allocate
 precomputed scores without measuring anything, as `PTQSession.allocate` does.
@@ -21,7 +26,7 @@ precomputed scores without measuring anything, as `PTQSession.allocate` does.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -29,6 +34,7 @@ import numpy as np
 
 from smpq.alloc import Allocation, allocate_milp, allocate_quadratic, uniform_choice
 from smpq.cost import Budget, ResolvedBudget
+from smpq.errors import SmpqError
 from smpq.shapley import ShapleyResult
 from smpq.strategy import SearchProblem, StrategyResult, register
 from smpq.transformer.mixed import (
@@ -73,9 +79,27 @@ def _given(p: SearchProblem) -> Scored | None:
     return o["scores"], None, o.get("shapley_result"), cost
 
 
+def _allowed(s: Any) -> tuple[tuple[int, ...], ...]:
+    """Per group, the allowed candidate indices (all, for a session that does not say)."""
+    every = tuple(range(len(s.specs)))
+    return tuple(getattr(s, "allowed", None) or (every,) * len(s.groups))
+
+
+def _pick(rows: Sequence[np.ndarray], allowed: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    return [np.asarray(r, float)[list(a)] for r, a in zip(rows, allowed, strict=True)]
+
+
+def _one_ladder(s: Any, name: str) -> None:
+    if any(len(a) != len(s.specs) for a in _allowed(s)):
+        raise SmpqError(f"{name} plays one ladder of every candidate in every group, but some "
+                        "groups cannot store some candidates (GGUF K-quants need rows of whole "
+                        "256-blocks); use shapley-loop or a score method")
+
+
 def _shapley_scores(ladder: bool) -> Callable[[SearchProblem], Scored]:
     def score(p: SearchProblem) -> Scored:
         s = p.model
+        _one_ladder(s, "the Shapley game")
         result, _, cost = s.shapley(_config(p), p.options.get("state_path"),
                                     p.options.get("resume", False), ladder)
         return choice_scores(result.estimate, len(s.groups), len(s.specs)), None, result, cost
@@ -94,11 +118,17 @@ def _baseline_scores(method: str) -> Callable[[SearchProblem], Scored]:
 def _milp(s: Any, scores: Scores, budget: Budget, resolved: ResolvedBudget | None,
           result: ShapleyResult | None, config: MixedConfig) -> Allocation:
     costs, limits, scales = s.budget_costs(budget, resolved)
-    return allocate_milp(list(scores), costs, limits, scales=scales)
+    allowed = _allowed(s)
+    alloc = allocate_milp(_pick(scores, allowed),
+                          {m: _pick(rows, allowed) for m, rows in costs.items()}, limits,
+                          scales=scales)
+    return replace(alloc, choice=tuple(a[c] for a, c in zip(allowed, alloc.choice,
+                                                             strict=True)))
 
 
 def _pairwise(s: Any, scores: Scores, budget: Budget, resolved: ResolvedBudget | None,
               result: ShapleyResult | None, config: MixedConfig) -> Allocation:
+    _one_ladder(s, "the pairwise allocation")
     costs, limits, scales = s.budget_costs(budget, resolved)
     k = interaction_matrix(result, config.shrinkage)
     return allocate_quadratic(result.estimate, k, costs, limits,
@@ -114,7 +144,14 @@ def _shapley_alloc(s: Any, scores: Scores, budget: Budget, resolved: ResolvedBud
 def _uniform(s: Any, scores: Scores, budget: Budget, resolved: ResolvedBudget | None,
              result: ShapleyResult | None, config: MixedConfig) -> tuple[int, ...]:
     costs, limits, scales = s.budget_costs(budget, resolved)
-    return uniform_choice(costs, limits, scales=scales)
+    allowed = _allowed(s)
+    common = [k for k in range(len(s.specs)) if all(k in a for a in allowed)]
+    if not common:
+        raise SmpqError("no candidate format can store every group, so there is no uniform "
+                        "policy; add a 32-block GGUF type or an int format")
+    local = uniform_choice({m: _pick(rows, [common] * len(rows)) for m, rows in costs.items()},
+                           limits, scales=scales)
+    return tuple(common[c] for c in local)
 
 
 def _strategy(name: str, score: Callable[[SearchProblem], Scored], allocate: Allocator
