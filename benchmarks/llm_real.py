@@ -145,7 +145,10 @@ def run_part(backend: str, seed: int, args: argparse.Namespace) -> dict:
             "data": session.data_info, "rows": rows,
             "seconds": time.perf_counter() - start}
     PARTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(PARTS / f"{backend}_seed{seed}.json", json.dumps(part, indent=1) + "\n")
+    tag = f".{args.tag}" if args.tag else ""
+    part["tag"] = args.tag
+    atomic_write_text(PARTS / f"{backend}_seed{seed}{tag}.json",
+                      json.dumps(part, indent=1) + "\n")
     return part
 
 
@@ -175,7 +178,8 @@ def summarize(parts: list[dict]) -> dict:
     margins: dict[float, list[float]] = {}
     for (_backend, _seed, bits), rs in _by(rows, "backend", "seed", "avg_bits").items():
         ours = [r for r in rs if r["method"] == OURS]
-        others = [r["test_perplexity"] for r in rs if r["method"] != OURS and r["fits"]]
+        others = [r["test_perplexity"] for r in rs
+                  if r["method"] != OURS and "@" not in r["method"] and r["fits"]]
         if not ours or not others:
             continue
         best = min(others)
@@ -262,8 +266,27 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def retag(parts: list[dict]) -> list[dict]:
+    """A tagged part (a rerun of some methods after a fix) replaces those methods' rows of the
+    untagged part with the same backend and seed; the replaced rows stay, renamed
+    "<method>@<old tag or r1>", so both are reported (and the old ones never count as
+    'other')."""
+    base = [p for p in parts if not p.get("tag")]
+    for new in [p for p in parts if p.get("tag")]:
+        methods = {r["method"] for r in new["rows"]}
+        for p in base:
+            if (p["backend"], p["seed"]) == (new["backend"], new["seed"]):
+                for r in p["rows"]:
+                    if r["method"] in methods:
+                        r["method"] = f"{r['method']}@r1"
+                p["rows"] += new["rows"]
+                p.setdefault("reruns", []).append({"tag": new["tag"], "methods": sorted(methods),
+                                                   "seconds": new["seconds"]})
+    return base
+
+
 def merge() -> dict:
-    parts = [json.loads(p.read_text()) for p in sorted(PARTS.glob("*.json"))]
+    parts = retag([json.loads(p.read_text()) for p in sorted(PARTS.glob("*.json"))])
     if not parts:
         raise SystemExit("no parts in benchmarks/results/llm_real_parts; run --part first")
     res = summarize(parts)
@@ -283,6 +306,8 @@ def main() -> None:
     ap.add_argument("--calib-tokens", type=int, default=1024)
     ap.add_argument("--test-blocks", type=int, default=16)
     ap.add_argument("--cache", default=".cache/smpq")
+    ap.add_argument("--tag", default="", help="a rerun of some methods: its rows replace "
+                    "theirs in the untagged part at --merge (the old ones stay, renamed)")
     args = ap.parse_args()
     if args.part:
         backend, _, seed = args.part.partition(":")

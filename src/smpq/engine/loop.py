@@ -193,7 +193,27 @@ def _region_topk(space: PolicySpace, model: QuadraticModel, centre: tuple[int, .
     return [tuple(int(x) for x in cand[i]) for i in order]
 
 
+def _local_picks(space: PolicySpace, model: QuadraticModel, linear: list, quad: dict,
+                 centre: tuple[int, ...], r: int, k: int, skip: list,
+                 time_limit: float) -> list[tuple[int, ...]]:
+    """The k best-predicted new policies within r units of `centre`: enumerated when the
+    region is small, else the MILP restricted to it."""
+    found = _region_topk(space, model, centre, r, k, set(skip))
+    if found is None:
+        found = quadratic_topk(space, linear, quad, k=k, exclude=skip, time_limit=time_limit,
+                               near=(centre, r))
+    return found
+
+
+def _promising(space: PolicySpace, model: QuadraticModel, best: tuple[int, ...],
+               picks: list[tuple[int, ...]]) -> bool:
+    """Whether any pick is predicted better than the best policy itself."""
+    pred = model.predict(space, np.array([best, *picks]))
+    return bool(np.any(pred[1:] > pred[0] + 1e-12 * (1.0 + abs(pred[0]))))
+
+
 RESELECT = 1.25  # choose the surrogate's hyper-parameters again once the data grew this much
+PRIOR_SCREEN = 2  # random screening policies when a prior feature is given (plus `initial`)
 
 
 def _fit(space: PolicySpace, st: _State, cfg: EngineConfig,
@@ -267,6 +287,8 @@ def run_engine(space: PolicySpace, evaluate: Evaluate, config: EngineConfig | No
     rng = np.random.default_rng([cfg.seed, len(st.choices), len(st.rounds)])
     if not st.screened:
         n_screen = max(need - cfg.top_k, int(cfg.screen_fraction * cfg.evaluations))
+        if prior is not None:  # the prior already ranks policies: screen only enough to
+            n_screen = PRIOR_SCREEN  # fit its scale, and spend the rest where it points
         n_front = int(round(cfg.frontier_share * n_screen))
         batch = [space.random_maximal(rng, n_front), space.random_ladder(rng, n_screen - n_front)]
         if initial is not None and len(initial):
@@ -288,16 +310,17 @@ def run_engine(space: PolicySpace, evaluate: Evaluate, config: EngineConfig | No
                                time_limit=cfg.time_limit)
         local: list[tuple[int, ...]] = []
         if best_before is not None and want > len(picks):
+            k, skip = want - len(picks), [*st.choices, *picks]
             while not local and st.radius <= space.n_units:
-                skip = [*st.choices, *picks]
-                local = _region_topk(space, model, best_before, st.radius, want - len(picks),
-                                     set(skip))
-                if local is None:  # too many policies to enumerate: the MILP on the region
-                    local = quadratic_topk(space, linear, quad, k=want - len(picks),
-                                           exclude=skip, time_limit=cfg.time_limit,
-                                           near=(best_before, st.radius))
+                local = _local_picks(space, model, linear, quad, best_before, st.radius, k,
+                                     skip, cfg.time_limit)
                 if not local:  # the region is used up: widen it
                     st.radius += 1
+            if local and st.radius == 1 and space.n_units > 1 and not _promising(
+                    space, model, best_before, local):
+                # on the budget frontier one-unit changes can only step down: trade two
+                local = _local_picks(space, model, linear, quad, best_before, 2, k, skip,
+                                     cfg.time_limit) or local
         picks += local
         if not picks:
             stopped = "exhausted"
