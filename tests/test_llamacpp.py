@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from types import SimpleNamespace
 
 import pytest
 
@@ -62,9 +61,12 @@ def test_tensor_type_file_lines():
 @pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl", "q2_k",
                                  "q3_k", "q4_k", "q5_k", "q6_k"])
 def test_gguf_block_formats_map_to_themselves(fmt):
-    # the GGUF candidate formats (QuantSpec.fmt = the ggml type name) map exactly, whatever
-    # their bits say; a duck-typed spec stands in until those formats are registered
-    assert gguf_type(SimpleNamespace(fmt=fmt, bits=4, is_float=True)) == (fmt, False)
+    # the GGUF candidate formats (QuantSpec.fmt = the ggml type name) map exactly
+    from smpq.blockformats import block_format
+    from smpq.spec import QuantSpec
+
+    spec = QuantSpec(bits=block_format(fmt).nominal_bits, fmt=fmt)
+    assert gguf_type(spec) == (fmt, False)
 
 
 SHAPES = {  # torch order (rows, cols)
