@@ -124,7 +124,8 @@ def run_part(backend: str, seed: int, args: argparse.Namespace) -> dict:
         from smpq.transformer.peers import autoscheme_allocation
 
         try:
-            found, as_cost = autoscheme_allocation(session, budgets)
+            peer = [float(b) for b in (args.peer_budgets or args.budgets).split(",")]
+            found, as_cost = autoscheme_allocation(session, peer)
         except Exception as e:  # a peer's failure is a result to report, not a crash
             import traceback
 
@@ -209,6 +210,7 @@ def summarize(parts: list[dict]) -> dict:
                     "alloc_seconds_over_autoscheme": "<= 3",
                     "gguf_ppl_ratio_vs_llamacpp": "< 1 at every size, <= 0.95 at the two "
                                                   "smaller"},
+        "seed_spread_ours": {f"{b:g}": spread.get(f"rtn/{b:g}/{OURS}") for b in (2.5, 3.0, 3.5)},
         "ratio_per_seed": {f"{b:g}": v for b, v in sorted(ratios.items())},
         "margin_per_seed": {f"{b:g}": v for b, v in sorted(margins.items())},
     }
@@ -269,15 +271,16 @@ def plot(res: dict, path: Path) -> None:
 def retag(parts: list[dict]) -> list[dict]:
     """A tagged part (a rerun of some methods after a fix) replaces those methods' rows of the
     untagged part with the same backend and seed; the replaced rows stay, renamed
-    "<method>@<old tag or r1>", so both are reported (and the old ones never count as
+    "<method>@r1", so both are reported (and the old ones never count as
     'other')."""
     base = [p for p in parts if not p.get("tag")]
     for new in [p for p in parts if p.get("tag")]:
         methods = {r["method"] for r in new["rows"]}
+        cells = {(r["method"], r["avg_bits"]) for r in new["rows"]}
         for p in base:
             if (p["backend"], p["seed"]) == (new["backend"], new["seed"]):
                 for r in p["rows"]:
-                    if r["method"] in methods:
+                    if (r["method"], r["avg_bits"]) in cells:
                         r["method"] = f"{r['method']}@r1"
                 p["rows"] += new["rows"]
                 p.setdefault("reruns", []).append({"tag": new["tag"], "methods": sorted(methods),
@@ -306,6 +309,8 @@ def main() -> None:
     ap.add_argument("--calib-tokens", type=int, default=1024)
     ap.add_argument("--test-blocks", type=int, default=16)
     ap.add_argument("--cache", default=".cache/smpq")
+    ap.add_argument("--peer-budgets", default="", help="AutoScheme's budgets (default: "
+                    "--budgets)")
     ap.add_argument("--tag", default="", help="a rerun of some methods: its rows replace "
                     "theirs in the untagged part at --merge (the old ones stay, renamed)")
     args = ap.parse_args()
