@@ -52,6 +52,23 @@ OURS = "shapley-loop"
 SEARCHES = ("shapley-loop", "random", "local")
 CHEAP = ("fisher", "gradxdw", "hessian", "relerr", "uniform")
 PEERS = ("autoscheme",)
+NOTES = (  # how the committed results were produced (2026-11-30)
+    "Sizes: 8 calibration blocks of 128 tokens (1,024 tokens; one value evaluation), 16 test "
+    "blocks of 128; 24 evaluations per search (shapley-loop, random, local).",
+    "Machine: the shared 2-core machine, with up to 7 benchmark processes at once (one thread "
+    "each): one forward over the calibration text took 8-25 s instead of ~4.5 s idle, so every "
+    "wall time here is inflated, and more for runs that overlapped more. AutoScheme ran last "
+    "in each part, under lighter load (90 s for seed 0, 166 s for seeds 1-2).",
+    "`shapley-loop@r1` is the engine before two fixes made during this run (with a prior, "
+    "screen 2 random policies instead of 30% of the budget; on the budget frontier trade two "
+    "units); `shapley-loop` rows are the rerun with the fixed engine on the same seeds and "
+    "data (tag r2, separate processes).",
+    "Seed 0's process was killed by the OOM killer during the 3.5-bit budget: its 2.5/3-bit "
+    "rows are recovered from its progress log (llm_real_logs/rtn_seed0.log; perplexity and "
+    "seconds only), and the 3.5-bit budget and AutoScheme were rerun (tag s0b35).",
+    "GPTQ was not run (its candidate build alone was projected at over an hour on the loaded "
+    "machine); today's ladder Shapley game is not run (one permutation is 361 evaluations).",
+)
 
 
 def _settings(args: argparse.Namespace, seed: int) -> RunSettings:
@@ -240,7 +257,8 @@ def markdown(res: dict) -> str:
         lines.append(f"| {r['backend']} | {r['avg_bits']:g} | {r['method']}{fit} | {r['seeds']} "
                      f"| {r['ppl_mean']:.3f} | {r['ppl_min']:.3f}–{r['ppl_max']:.3f} | {sec} |")
     floats = ", ".join(f"{k} {v:.3f}" for k, v in res["float_test_perplexity"].items())
-    lines += ["", f"Float test perplexity: {floats}.", ""]
+    lines += ["", f"Float test perplexity: {floats}.", "", "Notes:", ""] + [
+        f"- {n}" for n in NOTES] + [""]
     return "\n".join(lines)
 
 
