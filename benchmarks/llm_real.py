@@ -76,11 +76,6 @@ def _settings(args: argparse.Namespace, seed: int) -> RunSettings:
                        test_blocks=args.test_blocks, cache_dir=args.cache, calib_seed=seed)
 
 
-def _assignment(session: PTQSession, choice: tuple[int, ...]) -> dict[str, str]:
-    keys = session.candidates.keys
-    return {n: keys[k] for g, k in zip(session.groups, choice, strict=True) for n in g}
-
-
 def _measure(session: PTQSession, assignment: dict[str, str]) -> dict[str, float]:
     with session.swapper.applied(assignment):
         return {"test_perplexity": values.perplexity(session.model, session.test_blocks,
@@ -126,7 +121,7 @@ def run_part(backend: str, seed: int, args: argparse.Namespace) -> dict:
                 session, session.cost, budget, session.specs, seed=seed, options={
                     "n_evaluations": args.evaluations, "resolved": resolved, "config": cap}))
             wall = time.perf_counter() - t
-            assignment = _assignment(session, tuple(res.detail.choice))
+            assignment = session.assignment(tuple(res.detail.choice))
             cost = res.detail.cost
             rows.append({"backend": backend, "seed": seed, "avg_bits": bits, "method": name,
                          "seconds": wall, "evaluations": cost.get("evaluations"),

@@ -50,7 +50,7 @@ from smpq.strategy import SearchProblem, StrategyResult, register
 
 __all__ = ["DEFAULT_EVALUATIONS", "DEFAULT_FEATURE", "DEFAULT_PRIORS", "METRICS", "NAME",
            "SessionValue", "VALUE_SPLITS", "ladder_order", "policy_space", "prior_gains",
-           "shapley_loop", "unit_ladders"]
+           "shapley_loop", "unit_ladders", "value_options"]
 
 NAME = "shapley-loop"
 # One evaluation is one forward over the calibration text: on SmolLM2-135M with 2,048 tokens
@@ -222,6 +222,21 @@ class SessionValue:
             return  # run_engine reports an unreadable checkpoint
 
 
+def value_options(p: SearchProblem, name: str) -> tuple[str, str]:
+    """(value split, value metric) of the options, checked: one check for every strategy
+    that evaluates whole policies with `SessionValue`."""
+    split, metric = p.options.get("value_split", "calib"), p.options.get("metric", "neg_kl")
+    if split not in VALUE_SPLITS:
+        raise SmpqError(f"unknown value split {split!r} for {name}; known: "
+                        f"{', '.join(VALUE_SPLITS)}")
+    if metric not in METRICS:
+        raise SmpqError(f"unknown value metric {metric!r} for {name}; known: "
+                        f"{', '.join(METRICS)}")
+    if metric == "neg_nll" and p.model.kind != "causal_lm":
+        raise SmpqError(f"the neg_nll value of {name} needs a causal LM")
+    return split, metric
+
+
 @register(NAME, kind="transformer")
 def shapley_loop(p: SearchProblem) -> StrategyResult:
     from smpq.transformer.mixed import choice_policy, spec_key
@@ -238,21 +253,12 @@ def shapley_loop(p: SearchProblem) -> StrategyResult:
                        top_k=o.get("top_k", 4), seed=p.seed,
                        screen_fraction=float(o.get("screen_fraction", 0.3)),
                        patience=int(o.get("patience", 20)))
-    split = o.get("value_split", "calib")
-    if split not in VALUE_SPLITS:
-        raise SmpqError(f"unknown value split {split!r} for {NAME}; known: "
-                        f"{', '.join(VALUE_SPLITS)}")
-    if o.get("metric", "neg_kl") not in METRICS:
-        raise SmpqError(f"unknown value metric {o.get('metric')!r} for {NAME}; known: "
-                        f"{', '.join(METRICS)}")
-    if o.get("metric") == "neg_nll" and s.kind != "causal_lm":
-        raise SmpqError(f"the neg_nll value of {NAME} needs a causal LM")
+    split, metric = value_options(p, NAME)
     space.check_feasible()
     need = min_evaluations(space, cfg)
     if cfg.evaluations < need:  # before the priors spend anything
         raise SmpqError(f"an evaluation budget of {cfg.evaluations} is below the {need} one "
                         f"screening and one round need")
-    metric = o.get("metric", "neg_kl")
     out = o.get("out")
     tag = "".join(f"_{x}" for x, default in ((split, "calib"), (metric, "neg_kl"))
                   if x != default)

@@ -30,11 +30,10 @@ from smpq.errors import SmpqError
 from smpq.strategy import SearchProblem, StrategyResult, register
 from smpq.transformer.engine_strategy import (
     DEFAULT_EVALUATIONS,
-    METRICS,
-    VALUE_SPLITS,
     SessionValue,
     policy_space,
     unit_ladders,
+    value_options,
 )
 
 __all__ = ["local_moves", "local_search", "random_search"]
@@ -45,11 +44,7 @@ def _setup(p: SearchProblem, name: str
     if p.budget is None:
         raise SmpqError(f"{name} needs a budget")
     s, o = p.model, p.options
-    split, metric = o.get("value_split", "calib"), o.get("metric", "neg_kl")
-    if split not in VALUE_SPLITS:
-        raise SmpqError(f"unknown value split {split!r}; known: {', '.join(VALUE_SPLITS)}")
-    if metric not in METRICS:
-        raise SmpqError(f"unknown value metric {metric!r}; known: {', '.join(METRICS)}")
+    split, metric = value_options(p, name)
     n = int(o.get("n_evaluations", DEFAULT_EVALUATIONS))
     if n < 1:
         raise SmpqError(f"{name} needs at least one evaluation, got {n}")

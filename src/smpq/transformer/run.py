@@ -322,11 +322,8 @@ class PTQSession:
 
     # -- scores ---------------------------------------------------------------------------
     def game(self, ladder: bool = True) -> ProgressiveGame:
-        keys = self.candidates.keys
-
         def evaluate(levels: tuple[int, ...]) -> float:
-            self.swapper.set({n: keys[k] for g, k in zip(self.groups, levels, strict=True)
-                              for n in g})
+            self.swapper.set(self.assignment(levels))
             return self.value("calib")
 
         return ProgressiveGame(len(self.groups), len(self.specs), evaluate, ladder,
@@ -411,9 +408,12 @@ class PTQSession:
 
     def evaluate(self, choice: tuple[int, ...]) -> dict[str, float]:
         """Validation (search objective) and test metrics of one group choice."""
+        return self.evaluate_layers(self.assignment(choice))
+
+    def assignment(self, choice: tuple[int, ...]) -> dict[str, str]:
+        """{layer: candidate key} of a group choice (every member of a group alike)."""
         keys = self.candidates.keys
-        return self.evaluate_layers({n: keys[k] for g, k in zip(self.groups, choice,
-                                                                 strict=True) for n in g})
+        return {n: keys[k] for g, k in zip(self.groups, choice, strict=True) for n in g}
 
     def evaluate_layers(self, assignment: Mapping[str, str]) -> dict[str, float]:
         """`evaluate` for a per-layer assignment {layer: candidate key} (e.g. a peer's
