@@ -206,7 +206,7 @@ class PTQSession:
         if self.candidates is None:
             needs = self.backend in STATS_BACKENDS  # RTN reads no Hessians: none collected
             # a layer's statistics depend on the calibration data and every weight upstream
-            context = f"{self.calib_digest}:{_model_digest(self.model)}" if needs else ""
+            context = f"{self.calib_digest}:{self.model_digest}" if needs else ""
             cache = Path(self.settings.cache_dir) / "candidates"  # shared, content-keyed
             had_stats = self._stats is not None
             per_layer = {n: ks for g, ks in zip(self.groups, self.allowed, strict=True)
@@ -239,21 +239,22 @@ class PTQSession:
 
     # -- data and values ----------------------------------------------------------------
     def _data(self) -> None:
-        from smpq.transformer import values
         from smpq.transformer.data import docstring_pairs
+        from smpq.transformer.refcache import encoder_references, lm_references
 
         s, m, bs = self.settings, self.model, self.settings.batch_size
+        self.model_digest = _model_digest(m)  # keys the reference and statistics caches
         if self.kind == "causal_lm":
             blocks, self.data_info = _lm_blocks(self.tokenizer, s)
             self.calib = blocks["calibration"]
             self.calib_batches = list(self.calib.split(bs))
             self.grad_batches = list(self.calib.split(1))
-            self.refs = {}
-            todo = (("calib", self.calib), ("val", blocks["validation"]), ("test", blocks["test"]))
-            for i, (k, b) in enumerate(todo):  # weighted by tokens would be finer; 3 steps do
-                self.progress("float references", i, len(todo))
-                self.refs[k] = values.float_reference(m, b, batch_size=bs)
-            self.progress("float references", len(todo), len(todo))
+            # cached with the candidates (smpq.transformer.refcache): a second run, whatever
+            # its method or output folder, runs no float forward
+            self.refs, self.references_computed = lm_references(
+                m, {"calib": self.calib, "val": blocks["validation"], "test": blocks["test"]},
+                bs, s.cache_dir, self.model_digest, self.progress)
+            self.references_total = len(self.refs)
             self.test_blocks = blocks["test"]
             self.forward_fn = lambda model, b: model(input_ids=b, use_cache=False)
             self.loss_fn = lm_loss
@@ -262,9 +263,10 @@ class PTQSession:
         tasks = {k: docstring_pairs(split, n) for k, split, n in (
             ("calib", "calibration", s.calib_pairs), ("val", "validation", s.val_pairs),
             ("test", "test", s.test_pairs))}
-        self.refs = {k: values.encoder_reference(m, self.tokenizer, t.texts, s.max_length)
-                     for k, t in tasks.items()}
-        self.retrieval = values.retrieval_reference(m, self.tokenizer, tasks["test"], s.max_length)
+        self.refs, self.retrieval, self.references_computed = encoder_references(
+            m, self.tokenizer, tasks, s.max_length, s.cache_dir, self.model_digest,
+            self.progress)
+        self.references_total = len(self.refs) + 2  # + the test queries and documents
         self.calib_batches = list(self.refs["calib"].inputs.batches)
         self.grad_batches = _encode_pairs(self.tokenizer, tasks["calib"], bs, s.max_length)
         self.forward_fn = lambda model, b: model(**b)
@@ -600,6 +602,8 @@ def _run_ptq(model: str, budget: Budget, backend: str, method: str, out: Path, s
         "candidates_built": session.candidates.built,
         "candidates_loaded": session.candidates.loaded,
         "candidate_cost": session.candidate_cost, "checkpoint_note": note,
+        "references": {"computed": session.references_computed,
+                       "cached": session.references_total - session.references_computed},
         "seconds": time.perf_counter() - start, "limits": limits, "data": session.data_info,
         "shapley": config.to_dict() if result is not None else None,
     }

@@ -1,0 +1,149 @@
+"""What a `smpq ptq` user waits for: float references cached across runs, progress per stage
+(plain lines when stderr is not a terminal), the report's lines, --method autoscheme's
+refusal and --workers/--ray-address. A tiny random Llama folder (byte tokenizer)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+from conftest import save_tiny_llama  # noqa: E402
+from smpq.transformer import values  # noqa: E402
+from smpq.transformer.run import RunSettings, run_ptq  # noqa: E402
+
+CANDS = "int2g32,int4g32,int8g32"
+SMALL = RunSettings(block=32, calib_blocks=4, val_blocks=4, test_blocks=4)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("llama"), layers=1, max_positions=64)
+
+
+def _counting(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = values.float_reference
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(values, "float_reference", counted)
+    return calls
+
+
+def test_second_run_computes_no_float_reference(monkeypatch, folder, tmp_path):
+    settings = replace(SMALL, cache_dir=str(tmp_path / "cache"))
+    calls = _counting(monkeypatch)
+    first = run_ptq(str(folder), "avg_bits=3", method="fisher", out=tmp_path / "a",
+                    candidates=CANDS, settings=settings)
+    assert len(calls) == 3  # calib, val, test
+    entries = sorted((tmp_path / "cache" / "references").glob("*.safetensors"))
+    assert len(entries) == 3
+    calls.clear()
+    second = run_ptq(str(folder), "avg_bits=3", method="uniform", out=tmp_path / "b",
+                     candidates=CANDS, settings=settings)
+    assert calls == []  # another method and folder: no float forward
+    assert second["float"]["test_perplexity"] == first["float"]["test_perplexity"]
+    assert second["references"] == {"computed": 0, "cached": 3}
+    # the cached references equal freshly computed ones (an independent full forward)
+    from smpq.transformer.run import PTQSession
+
+    s = PTQSession(str(folder), candidates=CANDS, settings=settings)
+    model = transformers.LlamaForCausalLM.from_pretrained(str(folder)).eval()
+    fresh = values.float_reference(model, s.refs["test"].blocks, batch_size=s.settings.batch_size)
+    torch.testing.assert_close(s.refs["test"].logp, fresh.logp, rtol=0, atol=1e-5)
+    assert s.refs["test"].nll == pytest.approx(fresh.nll, abs=1e-6)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_corrupt_reference_entry_is_recomputed(monkeypatch, folder, tmp_path, damage):
+    from smpq.transformer.run import PTQSession
+
+    settings = replace(SMALL, cache_dir=str(tmp_path / "cache"))
+    calls = _counting(monkeypatch)
+    good = PTQSession(str(folder), candidates=CANDS, settings=settings)
+    entries = sorted((tmp_path / "cache" / "references").glob("*.safetensors"))
+    victim = entries[0]
+    raw = bytearray(victim.read_bytes())
+    if damage == "flip":
+        raw[-5] ^= 0xFF  # inside the last tensor's bytes: loads, but the checksum fails
+    else:
+        raw = raw[: len(raw) // 2]
+    victim.write_bytes(bytes(raw))
+    calls.clear()
+    again = PTQSession(str(folder), candidates=CANDS, settings=settings)
+    assert len(calls) == 1 and again.references_computed == 1
+    for k in good.refs:
+        assert torch.equal(again.refs[k].logp, good.refs[k].logp), k
+    calls.clear()
+    PTQSession(str(folder), candidates=CANDS, settings=settings)  # rewritten: now trusted
+    assert calls == []
+
+
+def test_other_text_or_model_is_another_key(monkeypatch, folder, tmp_path):
+    from smpq.transformer.run import PTQSession
+
+    settings = replace(SMALL, cache_dir=str(tmp_path / "cache"))
+    calls = _counting(monkeypatch)
+    PTQSession(str(folder), candidates=CANDS, settings=settings)
+    calls.clear()
+    PTQSession(str(folder), candidates=CANDS, settings=replace(settings, test_blocks=5))
+    assert len(calls) == 1  # only the test split changed
+    other = save_tiny_llama(tmp_path / "other", layers=1, max_positions=64)
+    with torch.no_grad():
+        m = transformers.LlamaForCausalLM.from_pretrained(str(other))
+        m.lm_head.weight.mul_(1.01)
+        m.save_pretrained(str(other))
+    calls.clear()
+    PTQSession(str(other), candidates=CANDS, settings=settings)
+    assert len(calls) == 3
+
+
+def _tiny_bert(folder):
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,()_'`*-:")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *letters, *(f"##{c}" for c in letters)]
+    folder.mkdir()
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    transformers.BertTokenizer(vocab_file=str(folder / "vocab.txt")).save_pretrained(str(folder))
+    cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=64,
+                                  max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.BertModel(cfg).save_pretrained(str(folder))
+    return folder
+
+
+def test_encoder_references_are_cached(monkeypatch, tmp_path):
+    from smpq.transformer.run import PTQSession
+
+    bert = _tiny_bert(tmp_path / "bert")
+    settings = replace(SMALL, calib_pairs=4, val_pairs=4, test_pairs=4, max_length=16,
+                       cache_dir=str(tmp_path / "cache"))
+    calls: list[int] = []
+    real = values.embed
+    monkeypatch.setattr(values, "embed", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = PTQSession(str(bert), candidates=CANDS, settings=settings)
+    assert len(calls) == 5 and first.references_computed == 5  # 3 splits + queries, documents
+    calls.clear()
+    second = PTQSession(str(bert), candidates=CANDS, settings=settings)
+    assert calls == [] and second.references_computed == 0
+    model = first.model
+    for k in first.refs:  # cached embeddings = a fresh forward of the float model
+        torch.testing.assert_close(second.refs[k].embeddings,
+                                   real(model, second.refs[k].inputs), rtol=0, atol=1e-6)
+    torch.testing.assert_close(second.retrieval.scores, first.retrieval.scores, rtol=0, atol=1e-6)
