@@ -4,6 +4,7 @@ refusal and --workers/--ray-address. A tiny random Llama folder (byte tokenizer)
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import replace
 
@@ -147,3 +148,144 @@ def test_encoder_references_are_cached(monkeypatch, tmp_path):
         torch.testing.assert_close(second.refs[k].embeddings,
                                    real(model, second.refs[k].inputs), rtol=0, atol=1e-6)
     torch.testing.assert_close(second.retrieval.scores, first.retrieval.scores, rtol=0, atol=1e-6)
+
+
+# -- progress ------------------------------------------------------------------------------
+
+class _Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_plain_stages_hold_the_first_seconds_then_report_with_times():
+    from smpq.cli import PlainStages
+
+    lines: list[str] = []
+    clock = _Clock()
+    p = PlainStages(lines.append, clock=clock, quiet=10.0, every=30.0)
+    p("load", 0, 1)
+    clock.t = 2.0
+    p("data", 0, 1)
+    assert lines == []  # a mistake refused now would print its error alone
+    clock.t = 12.0
+    p("search", 0, 100)
+    assert [x.split("] ")[1] for x in lines] == [
+        "load: started", "load: done in 2.0 s", "data: started", "data: done in 10.0 s",
+        "search: started (100 steps)"]
+    for step in range(1, 50):  # 49 evaluations of 1 s each: a line every 30 s, with an ETA
+        clock.t = 12.0 + step
+        p("search", step, 100)
+    periodic = [x for x in lines if "/100" in x]
+    assert len(periodic) == 1 and periodic[0].endswith("search: 30/100 after 30 s, eta 70 s")
+    clock.t = 70.0
+    p.close()
+    assert lines[-1] == "[   70.0s] search: done in 58.0 s"
+
+
+def test_a_fast_refusal_prints_only_its_error_and_a_normal_end_flushes():
+    from smpq.cli import PlainStages
+
+    lines: list[str] = []
+    clock = _Clock()
+    p = PlainStages(lines.append, clock=clock)
+    p("load", 0, 1)
+    assert lines == []  # an exception now leaves nothing printed
+    clock.t = 1.0
+    p.close()
+    assert [x.split("] ")[1] for x in lines] == ["load: started", "load: done in 1.0 s"]
+
+
+def test_local_reports_under_its_name_and_evaluate_has_steps(folder, tmp_path):
+    seen: list[tuple[str, int, int]] = []
+    s = run_ptq(str(folder), "avg_bits=3", method="local", out=tmp_path / "o",
+                candidates=CANDS, settings=replace(SMALL, cache_dir=str(tmp_path / "c")),
+                options={"n_evaluations": 4},
+                progress=lambda stage, done, total: seen.append((stage, done, total)))
+    stages = [x[0] for x in seen]
+    assert "local" in stages and "shapley-loop" not in stages
+    assert [x for x in seen if x[0] == "evaluate"] == [("evaluate", 0, 2), ("evaluate", 1, 2),
+                                                        ("evaluate", 2, 2)]
+    assert s["search_cost"]["evaluations"] <= 4
+
+
+def test_one_forward_gives_the_test_kl_and_perplexity(folder):
+    from smpq.transformer.run import PTQSession
+
+    s = PTQSession(str(folder), candidates=CANDS,
+                   settings=replace(SMALL, cache_dir=str(folder / "c")))
+    model = s.model
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(0.7)  # some distance from float
+    kl, nll = values.kl_and_nll(model, s.refs["test"])
+    assert kl > 0
+    assert kl == pytest.approx(values.kl_to_float(model, s.refs["test"]), rel=1e-12)
+    assert nll == pytest.approx(values.nll(model, s.refs["test"].blocks, 8), rel=1e-12)
+
+
+# -- the report ----------------------------------------------------------------------------
+
+def _cli(monkeypatch, capsys, *args):
+    import sys
+
+    from smpq.cli import main
+
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["smpq", "ptq", *map(str, args)])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def _expected_binding(folder, out) -> list[str]:
+    """Brute force: avg_bits binds when every single-group upgrade of the written policy
+    breaks the budget (Budget.check on the whole policy, not the group costs)."""
+    from smpq.cost import Budget
+    from smpq.policy import Policy
+    from smpq.spec import LayerChoice
+    from smpq.transformer.inputs import model_cost
+    from smpq.transformer.mixed import parse_candidates
+    from smpq.transformer.models import arch_of, share_groups
+
+    model = transformers.LlamaForCausalLM.from_pretrained(str(folder))
+    linears, cost = model_cost(model)
+    groups = share_groups(list(linears), arch_of(model), True)
+    specs = parse_candidates(CANDS)
+    policy = Policy.load(out / "policy.json")
+    budget = Budget.parse("avg_bits=3")
+    assert all(r["ok"] for r in budget.check(cost, policy))
+    for g in groups:
+        bits = policy.layers[g[0]].weight.bits
+        for spec in specs:
+            if spec.bits > bits:
+                up = Policy({**policy.layers, **{n: LayerChoice(spec, None) for n in g}})
+                if all(r["ok"] for r in budget.check(cost, up)):
+                    return []
+    return ["avg_bits"]
+
+
+def test_piped_run_reports_stages_groups_binding_and_test_size(monkeypatch, capsys, folder,
+                                                               tmp_path):
+    bindings = []
+    for method in ("fisher", "local"):
+        out = tmp_path / method
+        code, stdout, err = _cli(monkeypatch, capsys, "--model", folder, "--method", method,
+                                 "--evaluations", "4", "--candidates", CANDS, "--budget",
+                                 "avg_bits=3", "--cache", tmp_path / "cache", "--out", out)
+        assert code in (0, None), err
+        for stage in ("load", "data", "float references", "evaluate", method):
+            assert any(f"] {stage}: done in " in x for x in err.splitlines()), (stage, err)
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["groups"] == 4 and summary["layers"] == 7
+        assert "formats of 4 share groups (7 layers): " in stdout
+        blocks = summary["test_size"]
+        assert blocks == [64, 128]
+        assert "; test text 64x128 tokens)" in stdout
+        expected = _expected_binding(folder, out)
+        assert summary["binding"] == expected, method
+        assert f"binding: {', '.join(expected) or 'none'};" in stdout
+        bindings.append(expected)
+    assert ["avg_bits"] in bindings  # the check can tell a used-up budget

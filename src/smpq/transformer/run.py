@@ -408,29 +408,36 @@ class PTQSession:
             "resolved": resolved})
         return strategy.get(method, "transformer")(problem).detail.allocation
 
-    def evaluate(self, choice: tuple[int, ...]) -> dict[str, float]:
+    def evaluate(self, choice: tuple[int, ...], stage: str | None = None) -> dict[str, float]:
         """Validation (search objective) and test metrics of one group choice."""
-        return self.evaluate_layers(self.assignment(choice))
+        return self.evaluate_layers(self.assignment(choice), stage)
 
     def assignment(self, choice: tuple[int, ...]) -> dict[str, str]:
         """{layer: candidate key} of a group choice (every member of a group alike)."""
         keys = self.candidates.keys
         return {n: keys[k] for g, k in zip(self.groups, choice, strict=True) for n in g}
 
-    def evaluate_layers(self, assignment: Mapping[str, str]) -> dict[str, float]:
+    def evaluate_layers(self, assignment: Mapping[str, str], stage: str | None = None
+                        ) -> dict[str, float]:
         """`evaluate` for a per-layer assignment {layer: candidate key} (e.g. a peer's
-        allocation that ignores the share groups)."""
+        allocation that ignores the share groups). `stage`: report each forward to
+        `progress` under that name (validation, then test: causal LMs read KL and
+        perplexity off one test forward)."""
         from smpq.transformer import values
 
+        tick = ((lambda done: self.progress(stage, done, 2)) if stage is not None
+                else (lambda done: None))
         with self.swapper.applied(dict(assignment)):
+            tick(0)
             out = {"val_value": self.value("val")}
+            tick(1)
             if self.kind == "causal_lm":
-                out["test_kl"] = -self.value("test")
-                out["test_perplexity"] = values.perplexity(self.model, self.test_blocks,
-                                                           self.settings.batch_size)
+                kl, nll = values.kl_and_nll(self.model, self.refs["test"])
+                out["test_kl"], out["test_perplexity"] = kl, math.exp(nll)
             else:
                 out["test_cosine"] = 1.0 + self.value("test")
                 out.update(values.retrieval_report(self.model, self.retrieval, self._k))
+            tick(2)
         return out
 
     def float_metrics(self) -> dict[str, float]:
@@ -465,6 +472,25 @@ def _contributions(session: PTQSession, choice: tuple[int, ...], scores: Any,
     if errors:
         out["layer_errors"] = {n: dict(zip(keys, map(_num, e), strict=True))
                                for n, e in errors.items()}
+    return out
+
+
+def binding_limits(session: PTQSession, choice: tuple[int, ...], budget: Budget,
+                   resolved: ResolvedBudget) -> list[str]:
+    """The limits the final policy has used up, the same test for every method: a limit
+    binds when no single share group can move to a candidate that costs more under it
+    without breaking it (MILP methods also report their own `allocator_binding`)."""
+    from smpq.alloc.problem import fits
+
+    costs, limits, scales = session.budget_costs(budget, resolved)
+    out = []
+    for m, limit in limits.items():
+        rows = [np.asarray(r, float) for r in costs[m]]
+        total = sum(r[c] for r, c in zip(rows, choice, strict=True))
+        steps = [r[k] - r[c] for r, c, ks in zip(rows, choice, session.allowed, strict=True)
+                 for k in ks if r[k] > r[c]]
+        if steps and not fits(total + min(steps), float(limit), float(scales.get(m, 0.0))):
+            out.append(m)
     return out
 
 
@@ -568,7 +594,7 @@ def _run_ptq(model: str, budget: Budget, backend: str, method: str, out: Path, s
     resolved = session.resolve(budget)
     limits = resolved.limits
     session.prepare()
-    session.progress("score", 0, 1)
+    session.progress(method, 0, 1)  # the search or scoring, under its own name
     found = find(SearchProblem(session, session.cost, budget, session.specs, seed=seed, options={
         **dict(options or {}), "config": config, "state_path": out / "shapley_state.json",
         "resume": resume, "resolved": resolved, "out": out}))
@@ -576,8 +602,7 @@ def _run_ptq(model: str, budget: Budget, backend: str, method: str, out: Path, s
     alloc, choice, scores, result, errors, score_cost = (
         d.allocation, d.choice, d.scores, d.shapley, d.errors, d.cost)
     policy = found.policy
-    session.progress("evaluate", 0, 1)
-    metrics = session.evaluate(choice)
+    metrics = session.evaluate(choice, stage="evaluate")
     session.progress("write", 0, 1)
     note = _write_model(session, stage, policy)
     gguf = None
@@ -597,7 +622,8 @@ def _run_ptq(model: str, budget: Budget, backend: str, method: str, out: Path, s
         "choice": {spec_key(session.specs[k]): int(sum(1 for c in choice if c == k))
                    for k in range(len(session.specs))},
         "budget_check": budget.check(session.cost, policy),
-        "binding": list(alloc.binding) if isinstance(alloc, Allocation) else [],
+        "binding": binding_limits(session, choice, budget, resolved),
+        "allocator_binding": list(alloc.binding) if isinstance(alloc, Allocation) else None,
         "metrics": metrics, "float": session.float_metrics(), "search_cost": score_cost,
         "candidates_built": session.candidates.built,
         "candidates_loaded": session.candidates.loaded,
@@ -605,6 +631,9 @@ def _run_ptq(model: str, budget: Budget, backend: str, method: str, out: Path, s
         "references": {"computed": session.references_computed,
                        "cached": session.references_total - session.references_computed},
         "seconds": time.perf_counter() - start, "limits": limits, "data": session.data_info,
+        # the float perplexity depends on the test text's size: reports state it
+        "test_size": (list(session.test_blocks.shape) if session.kind == "causal_lm"
+                      else None),  # [blocks, tokens per block]
         "shapley": config.to_dict() if result is not None else None,
     }
     if gguf is not None:
@@ -631,15 +660,18 @@ def ptq_command(model: str = "tiny-lm", budget: str = "avg_bits=3", backend: str
     s = run_ptq(model, budget, backend, method, out, candidates, seed, resume, progress,
                 settings, options, export)
     m = s["metrics"]
+    size = "x".join(map(str, s.get("test_size") or ()))
     main = (f"test perplexity {m['test_perplexity']:.4f} (float {s['float']['test_perplexity']:.4f}"
-            f"), test KL {m['test_kl']:.5f}" if s["kind"] == "causal_lm" else
+            f"; test text {size} tokens), test KL {m['test_kl']:.5f}"
+            if s["kind"] == "causal_lm" else
             f"test cosine {m['test_cosine']:.5f}, retrieval spearman {m['spearman']:.4f}")
     cost = s["search_cost"]
     lines = [f"note: {s['data']['note']}"] if s["data"].get("note") else []
     return "\n".join([*lines,
         f"{s['method']} / {s['backend']} under {s['budget']}: {main}",
         f"text: {s['data']['text']} (calibration: {s['data']['calibration']})",
-        "formats: " + ", ".join(f"{k} x{v}" for k, v in s["choice"].items()),
+        f"formats of {s['groups']} share groups ({s['layers']} layers): "
+        + ", ".join(f"{k} x{v}" for k, v in s["choice"].items()),
         f"binding: {', '.join(s['binding']) or 'none'}; search {cost['seconds']:.1f}"
         f" s, {cost['forward_passes']} forward passes"
         + (f" ({cost['evaluations']} policies evaluated)" if "evaluations" in cost else ""),
