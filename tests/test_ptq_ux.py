@@ -289,3 +289,97 @@ def test_piped_run_reports_stages_groups_binding_and_test_size(monkeypatch, caps
         assert f"binding: {', '.join(expected) or 'none'};" in stdout
         bindings.append(expected)
     assert ["avg_bits"] in bindings  # the check can tell a used-up budget
+
+
+# -- --method autoscheme -------------------------------------------------------------------
+
+def _never(*args, **kwargs):
+    raise AssertionError("the model was loaded before the input was refused")
+
+
+def test_autoscheme_without_auto_round_is_one_line_before_loading(monkeypatch, capsys, folder,
+                                                                  tmp_path):
+    import importlib.util
+
+    from smpq.transformer import run as run_mod
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "auto_round" else real(name, *a))
+    monkeypatch.setattr(run_mod, "_load", _never)
+    code, _, err = _cli(monkeypatch, capsys, "--model", folder, "--method", "autoscheme",
+                        "--candidates", CANDS, "--out", tmp_path / "o")
+    assert code == 2 and err.startswith("error:") and "scripts/install_peers.sh" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_autoscheme_runs_through_ptq(monkeypatch, capsys, folder, tmp_path):
+    """With AutoScheme's answer stubbed (auto-round is not installed here): its per-layer
+    allocation is evaluated, written and reported like any method's."""
+    import importlib.util
+
+    from smpq.transformer import peers
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "auto_round" else real(name, *a))
+    with pytest.raises(Exception, match="one avg_bits target"):
+        peers.check_autoscheme(__import__("smpq.cost").cost.Budget.parse("size=1MB"), CANDS)
+
+    def fake(session, targets):  # q_proj richer than its fused k/v: groups not kept
+        a = {n: ("int4g32" if n.endswith("q_proj") else "int2g32") for n in session.linears}
+        return {targets[0]: a}, {"seconds": 1.5, "forward_passes": None,
+                                 "backward_passes": None}
+
+    monkeypatch.setattr(peers, "autoscheme_allocation", fake)
+    code, stdout, err = _cli(monkeypatch, capsys, "--model", folder, "--method", "autoscheme",
+                             "--candidates", CANDS, "--budget", "avg_bits=3", "--cache",
+                             tmp_path / "c", "--out", tmp_path / "o")
+    assert code in (0, None), err
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert s["method"] == "autoscheme" and s["choice"] == {"int2g32": 6, "int4g32": 1,
+                                                           "int8g32": 0}
+    assert all(r["ok"] for r in s["budget_check"]) and s["binding"] == []
+    assert "formats of 7 layers (per layer" in stdout and "autoscheme / rtn" in stdout
+    from smpq.policy import Policy
+
+    pol = Policy.load(tmp_path / "o" / "policy.json")
+    assert pol.layers["model.layers.0.self_attn.q_proj"].weight.bits == 4
+
+
+# -- --workers / --ray-address -------------------------------------------------------------
+
+@pytest.mark.parametrize("args, msg", [
+    (["--workers", "2"], "--workers/--ray-address apply to shapley, shapley_pairwise"),
+    (["--method", "local", "--ray-address", "127.0.0.1:1"], "local evaluates in this process"),
+    (["--method", "shapley", "--ray-address", "127.0.0.1:1"], "127.0.0.1:1"),
+])
+def test_workers_flags_are_checked_before_loading(monkeypatch, capsys, folder, tmp_path, args,
+                                                  msg):
+    from smpq.transformer import run as run_mod
+
+    monkeypatch.setattr(run_mod, "_load", _never)
+    code, _, err = _cli(monkeypatch, capsys, "--model", folder, "--out", tmp_path / "o", *args)
+    assert code == 2 and err.startswith("error:") and msg in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_shapley_values_go_through_the_evaluator(folder, tmp_path):
+    from smpq.evaluator import LocalEvaluator
+    from smpq.transformer.mixed import MixedConfig
+
+    made: list[LocalEvaluator] = []
+
+    def factory(task):
+        made.append(LocalEvaluator(task))
+        return made[-1]
+
+    settings = replace(SMALL, cache_dir=str(tmp_path / "c"),
+                       shapley=MixedConfig(permutations=2, tolerance=None))
+    here = run_ptq(str(folder), "avg_bits=3", method="shapley", out=tmp_path / "a",
+                   candidates=CANDS, settings=settings)
+    there = run_ptq(str(folder), "avg_bits=3", method="shapley", out=tmp_path / "b",
+                    candidates=CANDS, settings=settings, scale=factory)
+    assert len(made) == 1 and made[0].calls > 0  # the game's values came from the evaluator
+    assert there["choice"] == here["choice"]
+    assert there["metrics"] == pytest.approx(here["metrics"], rel=1e-9)

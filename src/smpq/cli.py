@@ -598,10 +598,22 @@ def ptq(
         "the policy's types, refused if llama.cpp would replace any) and report its size and "
         "llama-perplexity on the test text; needs scripts/build_llamacpp.sh once."),
     seed: int = SeedOpt,
+    workers: int = typer.Option(0, min=0, help="Value evaluations of the Shapley game methods "
+                                "(shapley, shapley_pairwise, shapley_literal) on a local Ray "
+                                "cluster of N workers (needs the ray extra); 0 = here."),
+    ray_address: str = RayAddressOpt,
 ) -> None:
-    """Post-training mixed precision for a transformer's linear layers (weight-only)."""
-    from smpq.transformer.run import ptq_command
+    """Post-training mixed precision for a transformer's linear layers (weight-only).
 
+    --method autoscheme runs Intel's AutoScheme instead, for comparison (avg_bits budgets;
+    needs scripts/install_peers.sh once)."""
+    from smpq.transformer.run import check_scale, ptq_command
+
+    if workers or ray_address is not None:  # checked before any work, as search's
+        from smpq.evaluator import EvaluatorConfig
+
+        check_scale(method, EvaluatorConfig(workers=workers, address=ray_address))
+    scale = _backend(workers, ray_address, "cpu").get("backend")
     if top_k is not None and top_k < 1:
         raise SmpqError(f"--top-k must be at least 1, got {top_k}")
     if evaluations is not None and evaluations < 1:
@@ -620,7 +632,7 @@ def ptq(
                                value_split=value_split,
                                calib_text=None if calib_text is None else str(calib_text),
                                calib_tokens=calib_tokens, cache_dir=str(cache), progress=bar,
-                               export=export)
+                               export=export, scale=scale)
         except KeyboardInterrupt:
             state = out / ("shapley_state.json" if method.startswith("shapley_")
                            or method == "shapley" else "engine_state.json")

@@ -87,6 +87,8 @@ log = logging.getLogger(__name__)
 ALL_METHODS = strategy.names("transformer")  # registered in smpq.transformer.strategies
 DEFAULT_METHOD = "shapley-loop"  # smpq.transformer.engine_strategy, registered first
 STATS_BACKENDS = ("gptq", "awq_rtn", "awq_gptq")
+# methods whose value evaluations go through an smpq.evaluator (ptq --workers/--ray-address)
+SCALED_METHODS = ("shapley", "shapley_pairwise", "shapley_literal")
 # Causal-LM text: "auto" = the Wikipedia excerpt for models with a subword tokenizer when
 # gensim's test data is installed, else the stdlib split (byte-level models: always stdlib).
 TEXT_SOURCES = ("auto", "wikipedia", "stdlib")
@@ -476,18 +478,24 @@ def _contributions(session: PTQSession, choice: tuple[int, ...], scores: Any,
 
 
 def binding_limits(session: PTQSession, choice: tuple[int, ...], budget: Budget,
-                   resolved: ResolvedBudget) -> list[str]:
+                   resolved: ResolvedBudget, per_layer: bool = False) -> list[str]:
     """The limits the final policy has used up, the same test for every method: a limit
-    binds when no single share group can move to a candidate that costs more under it
-    without breaking it (MILP methods also report their own `allocator_binding`)."""
+    binds when no single share group (`per_layer`: layer, for a peer's per-layer `choice`)
+    can move to a candidate that costs more under it without breaking it (MILP methods also
+    report their own `allocator_binding`)."""
     from smpq.alloc.problem import fits
 
-    costs, limits, scales = session.budget_costs(budget, resolved)
+    groups, allowed = session.groups, session.allowed
+    if per_layer:
+        allowed = [a for g, a in zip(groups, allowed, strict=True) for _ in g]
+        groups = [[n] for g in groups for n in g]
+    costs = group_costs(session.cost, groups, session.specs)
+    _, limits, scales = session.budget_costs(budget, resolved)
     out = []
     for m, limit in limits.items():
         rows = [np.asarray(r, float) for r in costs[m]]
         total = sum(r[c] for r, c in zip(rows, choice, strict=True))
-        steps = [r[k] - r[c] for r, c, ks in zip(rows, choice, session.allowed, strict=True)
+        steps = [r[k] - r[c] for r, c, ks in zip(rows, choice, allowed, strict=True)
                  for k in ks if r[k] > r[c]]
         if steps and not fits(total + min(steps), float(limit), float(scales.get(m, 0.0))):
             out.append(m)
@@ -545,26 +553,47 @@ def run_ptq(model: str, budget: str | Budget, backend: str = "rtn",
             method: str = DEFAULT_METHOD, out: str | Path = "runs/ptq",
             candidates: str | list = DEFAULT_CANDIDATES, seed: int = 0, resume: bool = False,
             progress: Progress | None = None, settings: RunSettings = RunSettings(),
-            options: Mapping[str, Any] | None = None, export: str | None = None) -> dict:
+            options: Mapping[str, Any] | None = None, export: str | None = None,
+            scale: Any = None) -> dict:
     """Allocate formats for `model` ("tiny-lm", "minilm" or a local HF folder) under
     `budget` (e.g. "avg_bits=3.5"), evaluate, write the files; returns the summary.
 
     `options`: extra strategy options (shapley-loop: n_evaluations, top_k, priors).
-    `export="gguf"`: also quantize with llama.cpp (smpq.export.llamacpp), checked first."""
-    find = strategy.get(method, "transformer")
+    `export="gguf"`: also quantize with llama.cpp (smpq.export.llamacpp), checked first.
+    `scale`: where value evaluations run (an `smpq.evaluator.EvaluatorConfig`); only the
+    Shapley game methods (`SCALED_METHODS`) batch them out so far, others refuse it."""
+    from smpq.transformer.peers import PEER_METHODS, autoscheme_strategy, check_autoscheme
+
     budget = Budget.parse(budget) if isinstance(budget, str) else budget
+    if method in PEER_METHODS:  # another tool's allocator; its package checked before loading
+        check_autoscheme(budget, candidates)
+        find = autoscheme_strategy
+    else:
+        find = strategy.get(method, "transformer")
+    check_scale(method, scale)
     if export is not None:  # before the output folder is claimed: nothing written
         _check_export(export, model, candidates, settings.cache_dir)
     with output_dir(out, keep=("shapley_state.json", *ENGINE_STATE_FILES)) as stage:
         _check_budget_early(model, budget, candidates)
         return _run_ptq(model, budget, backend, method, Path(out), stage, candidates, seed,
-                        resume, progress, settings, find, options, export)
+                        resume, progress, settings, find, options, export, scale)
+
+
+def check_scale(method: str, scale: Any) -> None:
+    """One line for a method that cannot send its value evaluations elsewhere yet."""
+    from smpq.evaluator import EvaluatorConfig
+
+    if scale is None or scale == EvaluatorConfig() or method in SCALED_METHODS:
+        return
+    raise SmpqError(f"--workers/--ray-address apply to {', '.join(SCALED_METHODS)} (the "
+                    f"Shapley game's batches) for now; {method} evaluates in this process")
 
 
 def _run_ptq(model: str, budget: Budget, backend: str, method: str, out: Path, stage: Path,
              candidates: str | list, seed: int, resume: bool, progress: Progress | None,
              settings: RunSettings, find: Callable,
-             options: Mapping[str, Any] | None = None, export: str | None = None) -> dict:
+             options: Mapping[str, Any] | None = None, export: str | None = None,
+             scale: Any = None) -> dict:
     """run_ptq inside its claimed folder: caches and sampler state in `out`, files in
     `stage`."""
     config = replace(settings.shapley, seed=seed)
@@ -590,7 +619,7 @@ def _run_ptq(model: str, budget: Budget, backend: str, method: str, out: Path, s
 
         if not read_text_documents(settings.calib_text):  # missing or empty: before loading
             raise SmpqError(f"calibration text {settings.calib_text} is empty")
-    session = PTQSession(model, backend, candidates, settings, out, progress, budget)
+    session = PTQSession(model, backend, candidates, settings, out, progress, budget, scale)
     resolved = session.resolve(budget)
     limits = resolved.limits
     session.prepare()
@@ -598,10 +627,13 @@ def _run_ptq(model: str, budget: Budget, backend: str, method: str, out: Path, s
     found = find(SearchProblem(session, session.cost, budget, session.specs, seed=seed, options={
         **dict(options or {}), "config": config, "state_path": out / "shapley_state.json",
         "resume": resume, "resolved": resolved, "out": out}))
+    policy = found.policy
+    if "assignment" in found.info:  # a peer's per-layer allocation (share groups ignored)
+        return _finish_peer(session, found, model, budget, backend, method, stage, seed,
+                            export, settings, start, resolved)
     d = found.detail
     alloc, choice, scores, result, errors, score_cost = (
         d.allocation, d.choice, d.scores, d.shapley, d.errors, d.cost)
-    policy = found.policy
     metrics = session.evaluate(choice, stage="evaluate")
     session.progress("write", 0, 1)
     note = _write_model(session, stage, policy)
@@ -642,6 +674,44 @@ def _run_ptq(model: str, budget: Budget, backend: str, method: str, out: Path, s
     return summary
 
 
+def _finish_peer(session: PTQSession, found: Any, model: str, budget: Budget, backend: str,
+                 method: str, stage: Path, seed: int, export: str | None,
+                 settings: RunSettings, start: float, resolved: ResolvedBudget) -> dict:
+    """`_run_ptq`'s end for a peer's per-layer allocation (`found.info["assignment"]`):
+    evaluated and written as a shapley-loop result is, counted per layer."""
+    assignment, policy = found.info["assignment"], found.policy
+    keys = list(session.candidates.keys)
+    metrics = session.evaluate_layers(assignment, stage="evaluate")
+    session.progress("write", 0, 1)
+    note = _write_model(session, stage, policy)
+    if export == "gguf":
+        raise SmpqError(f"--export gguf is not available with --method {method}")
+    layers = [n for g in session.groups for n in g]
+    choice = tuple(keys.index(assignment[n]) for n in layers)
+    atomic_write_text(stage / "contributions.json", json.dumps(
+        {"candidates": keys, "method": method, "layers": dict(assignment)}, indent=1) + "\n")
+    summary = {
+        "model": model, "kind": session.kind, "method": method, "backend": backend,
+        "budget": str(budget), "seed": seed, "candidates": keys,
+        "groups": len(session.groups), "layers": len(session.linears), "per_layer": True,
+        "choice": {k: sum(1 for c in choice if keys[c] == k) for k in keys},
+        "budget_check": budget.check(session.cost, policy),
+        "binding": binding_limits(session, choice, budget, resolved, per_layer=True),
+        "allocator_binding": None, "metrics": metrics, "float": session.float_metrics(),
+        "search_cost": found.info["search_cost"],
+        "candidates_built": session.candidates.built,
+        "candidates_loaded": session.candidates.loaded,
+        "candidate_cost": session.candidate_cost, "checkpoint_note": note,
+        "references": {"computed": session.references_computed,
+                       "cached": session.references_total - session.references_computed},
+        "seconds": time.perf_counter() - start, "limits": resolved.limits,
+        "data": session.data_info,
+        "test_size": (list(session.test_blocks.shape) if session.kind == "causal_lm"
+                      else None), "shapley": None}
+    atomic_write_text(stage / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
+    return summary
+
+
 def ptq_command(model: str = "tiny-lm", budget: str = "avg_bits=3", backend: str = "rtn",
                 method: str = DEFAULT_METHOD, out: str = "runs/ptq", resume: bool = False,
                 seed: int = 0, candidates: str = DEFAULT_CANDIDATES,
@@ -649,7 +719,7 @@ def ptq_command(model: str = "tiny-lm", budget: str = "avg_bits=3", backend: str
                 value: str | None = None, value_split: str | None = None,
                 calib_text: str | None = None, calib_tokens: int | None = None,
                 cache_dir: str | None = None, progress: Progress | None = None,
-                export: str | None = None) -> str:
+                export: str | None = None, scale: Any = None) -> str:
     """`smpq ptq`: run_ptq with plain arguments; returns a short report for the terminal."""
     base = RunSettings()
     settings = replace(base, calib_text=calib_text, calib_tokens=calib_tokens,
@@ -658,7 +728,7 @@ def ptq_command(model: str = "tiny-lm", budget: str = "avg_bits=3", backend: str
                                  ("metric", value), ("value_split", value_split))
                if v is not None}
     s = run_ptq(model, budget, backend, method, out, candidates, seed, resume, progress,
-                settings, options, export)
+                settings, options, export, scale)
     m = s["metrics"]
     size = "x".join(map(str, s.get("test_size") or ()))
     main = (f"test perplexity {m['test_perplexity']:.4f} (float {s['float']['test_perplexity']:.4f}"
@@ -670,10 +740,13 @@ def ptq_command(model: str = "tiny-lm", budget: str = "avg_bits=3", backend: str
     return "\n".join([*lines,
         f"{s['method']} / {s['backend']} under {s['budget']}: {main}",
         f"text: {s['data']['text']} (calibration: {s['data']['calibration']})",
-        f"formats of {s['groups']} share groups ({s['layers']} layers): "
+        (f"formats of {s['layers']} layers (per layer, share groups not kept): "
+         if s.get("per_layer") else
+         f"formats of {s['groups']} share groups ({s['layers']} layers): ")
         + ", ".join(f"{k} x{v}" for k, v in s["choice"].items()),
         f"binding: {', '.join(s['binding']) or 'none'}; search {cost['seconds']:.1f}"
-        f" s, {cost['forward_passes']} forward passes"
+        f" s" + (f", {cost['forward_passes']} forward passes" if cost.get("forward_passes")
+                 is not None else "")
         + (f" ({cost['evaluations']} policies evaluated)" if "evaluations" in cost else ""),
         f"wrote {Path(out) / 'policy.json'}, summary.json, contributions.json",
         *([_gguf_line(s["gguf"])] if "gguf" in s else [])])
