@@ -171,9 +171,9 @@ class SessionValue:
     """The engine's value of a batch of ladder choices, with the forward passes timed."""
 
     def __init__(self, session: Any, ladders: tuple[np.ndarray, ...], split: str = "calib",
-                 metric: str = "neg_kl", planned: int = 0):
+                 metric: str = "neg_kl", planned: int = 0, name: str = NAME):
         self.s, self.ladders, self.split, self.metric = session, ladders, split, metric
-        self.planned = planned
+        self.planned, self.name = planned, name  # name: the progress stage (the strategy's)
         self.keys = session.candidates.keys
         self.calls, self.seconds, self.pending = 0, 0.0, 0
         self.seen: dict[tuple[int, ...], float] = {}  # ladder choice -> engine value
@@ -197,7 +197,8 @@ class SessionValue:
         self.calls += 1
         self.pending += 1
         # per evaluation (the engine reports per batch, and a screening batch takes minutes)
-        self.s.progress(NAME, min(len(self.seen) + self.pending, self.planned), self.planned)
+        self.s.progress(self.name, min(len(self.seen) + self.pending, self.planned),
+                        self.planned)
         return v
 
     def __call__(self, choices: np.ndarray) -> np.ndarray:

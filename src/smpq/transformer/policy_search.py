@@ -52,7 +52,7 @@ def _setup(p: SearchProblem, name: str
     space, order = policy_space(s, p.budget, resolved)
     space.check_feasible()
     ladders = unit_ladders(s, order)  # per group: level -> candidate index
-    return s, space, ladders, SessionValue(s, ladders, split, metric, n), n
+    return s, space, ladders, SessionValue(s, ladders, split, metric, n, name), n
 
 
 def _result(name: str, p: SearchProblem, s: Any, ladders: tuple[np.ndarray, ...],

@@ -44,6 +44,7 @@ __all__ = [
     "encode_texts",
     "encoder_reference",
     "float_reference",
+    "kl_and_nll",
     "kl_to_float",
     "lm_logits",
     "nll",
@@ -165,6 +166,21 @@ def kl_to_float(model: nn.Module, ref: FloatReference) -> float:
         total += _kl_sum(ref.logp[sl], index, lm_logits(model, ids))
         n += ids.numel()
     return max(0.0, total / n)
+
+
+@torch.no_grad()
+def kl_and_nll(model: nn.Module, ref: FloatReference) -> tuple[float, float]:
+    """(`kl_to_float(model, ref)`, `nll(model, ref.blocks)`) off one forward pass."""
+    total, n, nll_sum, count = 0.0, 0, 0.0, 0
+    for i, ids in enumerate(_batches(ref.blocks, ref.batch_size)):
+        sl = slice(i * ref.batch_size, i * ref.batch_size + len(ids))
+        index = ref.index[sl] if ref.index is not None else None
+        logits = lm_logits(model, ids)
+        total += _kl_sum(ref.logp[sl], index, logits)
+        n += ids.numel()
+        s, c = _token_nll_sum(logits, ids)
+        nll_sum, count = nll_sum + s, count + c
+    return max(0.0, total / n), nll_sum / count
 
 
 @torch.no_grad()
