@@ -11,11 +11,11 @@ Evolutionary Search" (ICML 2025, arXiv 2410.14649) and its public code
 2. Mutate. Each generation makes `offspring` distinct children of the parent (none equal
    to it). A child takes `min(U{1,3}, U{1,3})` level switches (biased towards one, as
    EvoPress): raise a random unit one level, then lower a random *partner* one level, as
-   long as the policy does not fit; partners are units with the same cost row under every
-   metric (EvoPress's groups of equal size, `group_rule="size"`), so with one such partner
-   the totals are exactly kept; a unit without one takes any unit (EvoPress's
-   `group_rule="none"`: lower random units until the target is met; more than
-   `max_changes` level changes rejects the child, as there).
+   long as the policy does not fit. Partners are units with the same cost row under every
+   metric (EvoPress's groups of equal size, `group_rule="size"`; with equal step costs the
+   totals are exactly kept) in a share `same_size` (0.75) of switches, or when a unit has
+   none, any unit (EvoPress's `group_rule="none"`: lower random units until the target is
+   met); more than `max_changes` (10) level changes rejects the child, as there.
 3. Select. Stages (n_blocks, survivors): every candidate of the stage is valued on the
    first n_blocks token blocks and the best `survivors` go on; the last stage is at full
    fidelity (n_blocks None) and keeps one. The parent joins the last stage (elitist) and
@@ -25,13 +25,22 @@ Differences from EvoPress's code, and why:
 - Fidelity is a prefix of fixed blocks (the first n_blocks), not a fresh random minibatch
   per stage: values are deterministic, so each (policy, fidelity) is measured once and
   cached (the parent is never re-measured), and a prefix suits forward-prefix reuse.
-- Per-unit costs (groups of our transformer differ in size, CNN layers in BitOps) instead
-  of equal-size groups only; feasibility under every limit is checked after each switch.
-  EvoPress's "bits added / bits removed >= 0.8" filter is not ported (a child that leaves
-  budget unused simply loses the selection).
+- Per-unit costs (groups of our transformer differ in size, CNN layers in BitOps) and
+  ladders whose steps differ in cost (int2/int3/int4/int8): a switch within equal-size
+  groups then does not keep the level sum's cost, and switches only within groups leave
+  optima unreachable (on the brute-force games of tests/test_evopress.py, half of them
+  stuck); so a quarter of the switches may take any partner, and a raise that still fits
+  (budget slack) lowers nobody. Feasibility under every limit is checked after each
+  change. EvoPress's "bits added / bits removed >= 0.8" filter is not ported (a child that
+  leaves budget unused simply loses the selection).
+- "Uniform" is a level index: on ladders of different lengths (GGUF formats a group can
+  store) it is not one format everywhere, as EvoPress's uniform bit-width is.
+- Ties at the last stage keep the parent; EvoPress sorts the fitnesses with the parent
+  appended last.
 - The search stops at a cap of block-tokens (tokens x transformer blocks run), evaluations
   or generations, whichever comes first; a stage whose price would pass a cap is not
-  started. EvoPress runs a fixed number of generations.
+  started; also after `stale` (20) generations in a row with nothing new to measure
+  (small spaces). EvoPress runs a fixed number of generations.
 - A fitness is any value (higher is better); the transformer strategy uses -log KL to the
   float model, EvoPress minimises KL (same order).
 
