@@ -26,9 +26,9 @@ Differences from EvoPress's code, and why:
   per stage: values are deterministic, so each (policy, fidelity) is measured once and
   cached (the parent is never re-measured), and a prefix suits forward-prefix reuse.
 - Per-unit costs (groups of our transformer differ in size, CNN layers in BitOps) and
-  ladders whose steps differ in cost (int2/int3/int4/int8): a switch within equal-size
-  groups then does not keep the level sum's cost, and switches only within groups leave
-  optima unreachable (on the brute-force games of tests/test_evopress.py, half of them
+  ladders whose steps differ in cost (int2/int3/int4/int8): a switch within an equal-size
+  group keeps the total only when its two steps cost alike, and switches only within
+  groups leave optima unreachable (on the brute-force games of tests/test_evopress.py, half of them
   stuck); so a quarter of the switches may take any partner, and a raise that still fits
   (budget slack) lowers nobody. Feasibility under every limit is checked after each
   change. EvoPress's "bits added / bits removed >= 0.8" filter is not ported (a child that
