@@ -574,7 +574,8 @@ def ptq(
                                    "types, embedding and output layer included)."),
     evaluations: int = typer.Option(
         None, help="shapley-loop: policies evaluated (forward passes over the calibration "
-        "text), the Fisher and uniform priors included (default 24)."),
+        "text), the Fisher and uniform priors included (default 24); random, local: the "
+        "same; evopress: the same compute in block-tokens (partial passes count in part)."),
     top_k: int = typer.Option(None, help="shapley-loop: policies evaluated per loop round "
                               "(default 4)."),
     value: str = typer.Option(

@@ -168,7 +168,11 @@ def prior_gains(space: PolicySpace, ladders: tuple[np.ndarray, ...], scores: lis
 
 
 class SessionValue:
-    """The engine's value of a batch of ladder choices, with the forward passes timed."""
+    """The engine's value of a batch of ladder choices, with the forward passes timed.
+
+    `n_blocks` (multi-fidelity): value on the first n_blocks token blocks of the split
+    (encoders: text batches); None = all. `block_tokens` counts what ran: tokens x
+    transformer blocks, summed over evaluations."""
 
     def __init__(self, session: Any, ladders: tuple[np.ndarray, ...], split: str = "calib",
                  metric: str = "neg_kl", planned: int = 0, name: str = NAME):
@@ -176,39 +180,62 @@ class SessionValue:
         self.planned, self.name = planned, name  # name: the progress stage (the strategy's)
         self.keys = session.candidates.keys
         self.calls, self.seconds, self.pending = 0, 0.0, 0
-        self.seen: dict[tuple[int, ...], float] = {}  # ladder choice -> engine value
+        self.block_tokens = 0
+        self.seen: dict[tuple[int, ...], float] = {}  # ladder choice -> engine value (full)
+        self._refs: dict[int | None, Any] = {}
 
     def assignment(self, levels: np.ndarray) -> dict[str, str]:
         return {n: self.keys[lad[k]] for g, lad, k in zip(self.s.groups, self.ladders, levels,
                                                           strict=True) for n in g}
 
-    def raw(self, levels: np.ndarray) -> float:
+    def _ref(self, n_blocks: int | None) -> Any:
+        """The split's reference cut to its first n_blocks blocks (cached)."""
+        if n_blocks not in self._refs:
+            self._refs[n_blocks] = _prefix_ref(self.s.refs[self.split], n_blocks)
+        return self._refs[n_blocks]
+
+    def full_block_tokens(self, n_blocks: int | None = None) -> int:
+        """Block-tokens of one evaluation at `n_blocks`: tokens run x transformer blocks."""
+        ref = self._ref(n_blocks)
+        tokens = (int(ref.blocks.numel()) if hasattr(ref, "blocks") else
+                  sum(int(b["input_ids"].numel()) for b in ref.inputs.batches))
+        config = getattr(self.s.model, "config", None)
+        return tokens * int(getattr(config, "num_hidden_layers", None) or 1)
+
+    def raw(self, levels: np.ndarray, n_blocks: int | None = None) -> float:
         """The value of one ladder choice on the split: the session's (-KL, or -(1 - cosine)
         for encoders) or, with neg_nll, minus the mean next-token NLL."""
+        from smpq.transformer import values
+
         self.s.swapper.set(self.assignment(levels))
+        ref = self._ref(n_blocks)
         start = time.perf_counter()
         if self.metric == "neg_nll":
-            from smpq.transformer.values import nll
-
-            v = -nll(self.s.model, self.s.refs[self.split].blocks, self.s.settings.batch_size)
-        else:
+            v = -values.nll(self.s.model, ref.blocks, self.s.settings.batch_size)
+        elif ref is self.s.refs[self.split]:  # full fidelity: the session's own value
             v = float(self.s.value(self.split))
+        elif self.s.kind == "causal_lm":
+            v = -values.kl_to_float(self.s.model, ref)
+        else:
+            v = -(1.0 - values.embedding_cosine(self.s.model, ref))
         self.seconds += time.perf_counter() - start
         self.calls += 1
+        self.block_tokens += self.full_block_tokens(n_blocks)
         self.pending += 1
         # per evaluation (the engine reports per batch, and a screening batch takes minutes)
         self.s.progress(self.name, min(len(self.seen) + self.pending, self.planned),
                         self.planned)
         return v
 
-    def __call__(self, choices: np.ndarray) -> np.ndarray:
+    def __call__(self, choices: np.ndarray, n_blocks: int | None = None) -> np.ndarray:
         self.pending = 0
-        raw = [self.raw(c) for c in choices]
+        raw = [self.raw(c, n_blocks) for c in choices]
         out = np.array(raw if self.metric == "neg_nll" else
                        [-math.log(max(-v, 0.0) + 1e-9) for v in raw])
         self.pending = 0
-        self.seen.update({tuple(int(x) for x in c): float(v) for c, v in zip(choices, out,
-                                                                             strict=True)})
+        if n_blocks is None:
+            self.seen.update({tuple(int(x) for x in c): float(v)
+                              for c, v in zip(choices, out, strict=True)})
         return out
 
     def load(self, checkpoint: Path | None) -> None:
@@ -221,6 +248,33 @@ class SessionValue:
                                                                  strict=True)})
         except (OSError, ValueError, KeyError, TypeError):
             return  # run_engine reports an unreadable checkpoint
+
+
+def _prefix_ref(ref: Any, n_blocks: int | None) -> Any:
+    """A float reference cut to its first `n_blocks` blocks (LMs: token blocks; encoders:
+    text batches); None, or more than there are, = the whole reference."""
+    from dataclasses import replace
+
+    from smpq.transformer.values import EncodedTexts, FloatReference
+
+    if n_blocks is None:
+        return ref
+    if int(n_blocks) < 1:
+        raise SmpqError(f"n_blocks must be >= 1, got {n_blocks}")
+    if isinstance(ref, FloatReference):
+        if n_blocks >= len(ref.blocks):
+            return ref
+        return replace(ref, blocks=ref.blocks[:n_blocks], logp=ref.logp[:n_blocks],
+                       index=None if ref.index is None else ref.index[:n_blocks])
+    batches = ref.inputs.batches
+    if n_blocks >= len(batches):
+        return ref
+    m = sum(len(b["input_ids"]) for b in batches[:n_blocks])
+    rows = ref.inputs.order[:m]  # original text index of each kept row, in batch order
+    import torch
+
+    enc = EncodedTexts(batches=batches[:n_blocks], order=torch.arange(m), n=m)
+    return replace(ref, inputs=enc, embeddings=ref.embeddings[rows])
 
 
 def value_options(p: SearchProblem, name: str) -> tuple[str, str]:
