@@ -32,6 +32,7 @@ from smpq.transformer.engine_strategy import (
     DEFAULT_EVALUATIONS,
     SessionValue,
     policy_space,
+    prefix_cache_bytes,
     unit_ladders,
     value_options,
 )
@@ -45,6 +46,7 @@ def _setup(p: SearchProblem, name: str
         raise SmpqError(f"{name} needs a budget")
     s, o = p.model, p.options
     split, metric = value_options(p, name)
+    cache_bytes = prefix_cache_bytes(p, name)
     n = int(o.get("n_evaluations", DEFAULT_EVALUATIONS))
     if n < 1:
         raise SmpqError(f"{name} needs at least one evaluation, got {n}")
@@ -52,7 +54,7 @@ def _setup(p: SearchProblem, name: str
     space, order = policy_space(s, p.budget, resolved)
     space.check_feasible()
     ladders = unit_ladders(s, order)  # per group: level -> candidate index
-    return s, space, ladders, SessionValue(s, ladders, split, metric, n), n
+    return s, space, ladders, SessionValue(s, ladders, split, metric, n, cache_bytes), n
 
 
 def _result(name: str, p: SearchProblem, s: Any, ladders: tuple[np.ndarray, ...],
@@ -66,7 +68,8 @@ def _result(name: str, p: SearchProblem, s: Any, ladders: tuple[np.ndarray, ...]
             "forward_passes": value.calls + extra.get("forward_passes", 0),
             "backward_passes": extra.get("backward_passes", 0),
             "forward_seconds": value.seconds, "evaluations": value.calls,
-            "prior_seconds": extra.get("seconds", 0.0)}
+            "prior_seconds": extra.get("seconds", 0.0), **value.cost()}
+    cost["block_tokens"] += int(extra.get("block_tokens", 0))  # the start's scores
     policy = choice_policy(s.groups, s.specs, choice, meta={
         "method": name, "backend": s.backend, "budget": str(p.budget), "model": s.model_name,
         "candidates": [spec_key(x) for x in s.specs], "seed": p.seed})
