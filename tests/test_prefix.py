@@ -157,8 +157,12 @@ BUDGET = Budget.parse("avg_bits=3.5")
 
 
 @pytest.fixture(scope="module")
-def session(tmp_path_factory):
-    folder = save_tiny_llama(tmp_path_factory.mktemp("llama"), layers=4, max_positions=64)
+def folder(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("llama"), layers=4, max_positions=64)
+
+
+@pytest.fixture(scope="module")
+def session(folder):
     return PTQSession(str(folder), "rtn", CANDS, SMALL).prepare()
 
 
@@ -249,3 +253,14 @@ def test_bad_prefix_options_are_one_line_errors(session):
             with pytest.raises(SmpqError, match=match) as e:
                 _run(session, name, **opts)
             assert "\n" not in str(e.value)
+
+
+def test_ptq_summary_shows_the_block_tokens(folder, tmp_path):
+    from smpq.transformer.run import run_ptq
+
+    s = run_ptq(str(folder), "avg_bits=3.5", method="random", out=tmp_path / "run",
+                candidates=CANDS, settings=replace(SMALL, cache_dir=str(tmp_path / "c")),
+                options={"n_evaluations": 3})
+    calib = 4 * 32 * 4  # blocks x tokens x transformer blocks
+    assert s["block_tokens"] == s["search_cost"]["block_tokens"]
+    assert s["block_tokens"] + s["search_cost"]["block_tokens_saved"] == 3 * calib

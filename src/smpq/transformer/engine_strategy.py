@@ -258,9 +258,13 @@ class SessionValue:
         return out
 
     def cost(self) -> dict[str, Any]:
-        """The block-tokens of this value's evaluations, for a strategy's cost dict."""
-        return {"block_tokens": self.block_tokens,
-                "block_tokens_saved": self.block_tokens_saved,
+        """The block-tokens of this value's evaluations, for a strategy's cost dict
+        (`block_tokens` is the strategy's total: it adds its scores' to it;
+        prefix_reuse_saving = the fraction of the evaluations' full price reuse saved)."""
+        spent, saved = self.block_tokens, self.block_tokens_saved
+        return {"block_tokens": spent, "evaluation_block_tokens": spent,
+                "block_tokens_saved": saved,
+                "prefix_reuse_saving": saved / (spent + saved) if spent + saved else 0.0,
                 "prefix_reuse": bool(self.runner is not None and self.runner.supported
                                      and self.runner.cache.max_bytes > 0)}
 
