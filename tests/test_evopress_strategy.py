@@ -78,7 +78,8 @@ def test_session_value_on_the_first_blocks_matches_a_fresh_reference(session):
                                  rel=1e-5)
     assert value.block_tokens == 2 * BLOCK * LAYERS + FULL
     assert value.full_block_tokens(2) == 2 * BLOCK * LAYERS and value.full_block_tokens() == FULL
-    assert value.full_block_tokens(99) == FULL  # more blocks than there are: all of them
+    with pytest.raises(SmpqError, match="n_blocks"):  # more blocks than there are
+        value.full_block_tokens(99)
 
 
 def test_evopress_returns_a_fitting_policy_whose_value_is_recomputed(session):
@@ -90,7 +91,9 @@ def test_evopress_returns_a_fitting_policy_whose_value_is_recomputed(session):
     assert max(res.info["value_curve"]) == pytest.approx(mine, rel=1e-6, abs=1e-9)
     by_hand = sum(c * (FULL if f == "full" else int(f) * BLOCK * LAYERS)
                   for f, c in cost["counts"].items())
-    assert cost["block_tokens"] == by_hand <= 10 * FULL
+    # prefix reuse (on by default) saves part of each evaluation's full price
+    assert cost["block_tokens"] + cost["block_tokens_saved"] == by_hand
+    assert cost["block_tokens"] <= 10 * FULL
     assert cost["evaluations"] == sum(cost["counts"].values()) == cost["forward_passes"]
     assert set(cost["counts"]) <= {"1", "2", "full"} and cost["counts"]["1"] >= 1
     spent = [s for s, _ in evo["curve"]]

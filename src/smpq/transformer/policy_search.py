@@ -43,6 +43,7 @@ from smpq.transformer.engine_strategy import (
     DEFAULT_EVALUATIONS,
     SessionValue,
     policy_space,
+    prefix_cache_bytes,
     unit_ladders,
     value_options,
 )
@@ -63,7 +64,8 @@ def _setup(p: SearchProblem, name: str
     space, order = policy_space(s, p.budget, resolved)
     space.check_feasible()
     ladders = unit_ladders(s, order)  # per group: level -> candidate index
-    return s, space, ladders, SessionValue(s, ladders, split, metric, n, name), n
+    cache_bytes = prefix_cache_bytes(p, name)
+    return s, space, ladders, SessionValue(s, ladders, split, metric, n, name, cache_bytes), n
 
 
 def _result(name: str, p: SearchProblem, s: Any, ladders: tuple[np.ndarray, ...],
@@ -78,8 +80,8 @@ def _result(name: str, p: SearchProblem, s: Any, ladders: tuple[np.ndarray, ...]
             "forward_passes": value.calls + extra.get("forward_passes", 0),
             "backward_passes": extra.get("backward_passes", 0),
             "forward_seconds": value.seconds, "evaluations": value.calls,
-            "prior_seconds": extra.get("seconds", 0.0), "block_tokens": value.block_tokens,
-            **(more or {})}
+            "prior_seconds": extra.get("seconds", 0.0), **value.cost(), **(more or {})}
+    cost["block_tokens"] += int(extra.get("block_tokens", 0))  # the start's scores
     policy = choice_policy(s.groups, s.specs, choice, meta={
         "method": name, "backend": s.backend, "budget": str(p.budget), "model": s.model_name,
         "candidates": [spec_key(x) for x in s.specs], "seed": p.seed})

@@ -366,7 +366,8 @@ class PTQSession:
             if game.batch is not None:
                 game.batch.close()
         cost = {"seconds": time.perf_counter() - start, "forward_passes": game.forward_passes,
-                "backward_passes": 0, "mask_evaluations": result.evaluations,
+                "backward_passes": 0, "block_tokens": game.forward_passes * self._sweep(),
+                "mask_evaluations": result.evaluations,
                 "permutations": result.permutations, "stop_reason": result.stop_reason}
         return result, game, cost
 
@@ -387,10 +388,20 @@ class PTQSession:
             extra = time.perf_counter() - start
         res = baseline_scores(method, self.linears, self.groups, self.candidates, stats=stats,
                               moments=moments, n_grad_batches=n_grad)
+        # block-tokens: a backward counts as two forwards; the stats pass is one sweep
+        grad = self._sweep(self.grad_batches) * 3 if method in ("fisher", "gradxdw") else 0
         cost = {"seconds": res.seconds + extra, "score_seconds": res.seconds,
                 "forward_passes": res.forward_passes,
-                "backward_passes": res.backward_passes, **shared}
+                "backward_passes": res.backward_passes,
+                "block_tokens": grad or (self._sweep() if stats is not None else 0), **shared}
         return res.scores, res.errors, cost
+
+    def _sweep(self, batches: Any = None) -> int:
+        """Block-tokens of one forward over `batches` (default: the calibration batches)."""
+        from smpq.transformer.prefix import batch_tokens, transformer_blocks
+
+        batches = self.calib_batches if batches is None else batches
+        return sum(batch_tokens(b) for b in batches) * transformer_blocks(self.model)
 
     # -- allocation and evaluation ---------------------------------------------------------
     def budget_costs(self, budget: Budget, resolved: ResolvedBudget | None = None
@@ -657,6 +668,7 @@ def _run_ptq(model: str, budget: Budget, backend: str, method: str, out: Path, s
         "binding": binding_limits(session, choice, budget, resolved),
         "allocator_binding": list(alloc.binding) if isinstance(alloc, Allocation) else None,
         "metrics": metrics, "float": session.float_metrics(), "search_cost": score_cost,
+        "block_tokens": score_cost.get("block_tokens"),  # the allocation's compute
         "candidates_built": session.candidates.built,
         "candidates_loaded": session.candidates.loaded,
         "candidate_cost": session.candidate_cost, "checkpoint_note": note,
