@@ -221,7 +221,8 @@ class PTQSession:
             self.candidate_cost = {"seconds": own + (self.stats_seconds if used else 0.0),
                                    "quantize_seconds": own, "built": c.built,
                                    "loaded": c.loaded, **(self._stats_cost() if used else {})}
-            self.swapper = WeightSwapper(self.model, self.candidates.weights)
+            # read from the candidate cache while swapped in: n_candidates x model never in RAM
+            self.swapper = WeightSwapper(self.model, self.candidates.loaders())
         return self
 
     def resolve(self, budget: Budget) -> ResolvedBudget:
@@ -378,8 +379,9 @@ class PTQSession:
             extra, shared = self.stats_seconds, self._stats_cost()
         if method in ("fisher", "gradxdw"):  # gradients: recomputed per method, its own
             start = time.perf_counter()
-            moments, n_grad = gradient_moments(self.model, self.linears, self.grad_batches,
-                                               self.loss_fn)
+            moments, n_grad = gradient_moments(  # only the moment it reads (float32 copy)
+                self.model, self.linears, self.grad_batches, self.loss_fn,
+                keys=("grad_sq",) if method == "fisher" else ("grad",))
             extra = time.perf_counter() - start
         res = baseline_scores(method, self.linears, self.groups, self.candidates, stats=stats,
                               moments=moments, n_grad_batches=n_grad)
@@ -602,11 +604,21 @@ def _run_ptq(model: str, budget: Budget, backend: str, method: str, out: Path, s
         "candidate_cost": session.candidate_cost, "checkpoint_note": note,
         "seconds": time.perf_counter() - start, "limits": limits, "data": session.data_info,
         "shapley": config.to_dict() if result is not None else None,
+        **_memory(session.model),
     }
     if gguf is not None:
         summary["gguf"] = gguf
     atomic_write_text(stage / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
     return summary
+
+
+def _memory(model: torch.nn.Module) -> dict[str, Any]:
+    """Peak RSS of the process so far, the float parameters' bytes and their ratio."""
+    from smpq.memory import model_bytes, peak_rss_bytes
+
+    peak, size = peak_rss_bytes(), model_bytes(model)
+    return {"peak_rss_bytes": peak, "model_bytes": size,
+            "peak_rss_over_model": peak / size if size else None}
 
 
 def ptq_command(model: str = "tiny-lm", budget: str = "avg_bits=3", backend: str = "rtn",
