@@ -385,6 +385,11 @@ class PTQSession:
             extra = time.perf_counter() - start
         res = baseline_scores(method, self.linears, self.groups, self.candidates, stats=stats,
                               moments=moments, n_grad_batches=n_grad)
+        if moments is not None:  # a float32 copy of the weights, freed: give it back
+            from smpq.memory import release_free_memory
+
+            del moments
+            release_free_memory()
         cost = {"seconds": res.seconds + extra, "score_seconds": res.seconds,
                 "forward_passes": res.forward_passes,
                 "backward_passes": res.backward_passes, **shared}
@@ -494,6 +499,9 @@ def _write_model(session: PTQSession, out: Path, policy: Any) -> str | None:
                     session.candidates.weights[name][key], choice.weight, ex["scale"],
                     ex.get("zero_point"))
         session.swapper.restore()
+        from smpq.memory import release_free_memory
+
+        release_free_memory()  # the candidates just swapped out, before the packed copy
         save_quantized(out, session.model, policy, qweights)
     arch = {"llama": "llama", "bert": "bert"}.get(session.arch)
     if arch in GGUF_NAME_MAPS:
