@@ -223,7 +223,8 @@ class PTQSession:
             self.candidate_cost = {"seconds": own + (self.stats_seconds if used else 0.0),
                                    "quantize_seconds": own, "built": c.built,
                                    "loaded": c.loaded, **(self._stats_cost() if used else {})}
-            self.swapper = WeightSwapper(self.model, self.candidates.weights)
+            # read from the candidate cache while swapped in: n_candidates x model never in RAM
+            self.swapper = WeightSwapper(self.model, self.candidates.loaders())
         return self
 
     def resolve(self, budget: Budget) -> ResolvedBudget:
@@ -383,13 +384,19 @@ class PTQSession:
             extra, shared = self.stats_seconds, self._stats_cost()
         if method in ("fisher", "gradxdw"):  # gradients: recomputed per method, its own
             start = time.perf_counter()
-            moments, n_grad = gradient_moments(self.model, self.linears, self.grad_batches,
-                                               self.loss_fn)
+            moments, n_grad = gradient_moments(  # only the moment it reads (float32 copy)
+                self.model, self.linears, self.grad_batches, self.loss_fn,
+                keys=("grad_sq",) if method == "fisher" else ("grad",))
             extra = time.perf_counter() - start
         res = baseline_scores(method, self.linears, self.groups, self.candidates, stats=stats,
                               moments=moments, n_grad_batches=n_grad)
         # block-tokens: a backward counts as two forwards; the stats pass is one sweep
         grad = self._sweep(self.grad_batches) * 3 if method in ("fisher", "gradxdw") else 0
+        if moments is not None:  # a float32 copy of the weights, freed: give it back
+            from smpq.memory import release_free_memory
+
+            del moments
+            release_free_memory()
         cost = {"seconds": res.seconds + extra, "score_seconds": res.seconds,
                 "forward_passes": res.forward_passes,
                 "backward_passes": res.backward_passes,
@@ -539,6 +546,9 @@ def _write_model(session: PTQSession, out: Path, policy: Any) -> str | None:
                     session.candidates.weights[name][key], choice.weight, ex["scale"],
                     ex.get("zero_point"))
         session.swapper.restore()
+        from smpq.memory import release_free_memory
+
+        release_free_memory()  # the candidates just swapped out, before the packed copy
         save_quantized(out, session.model, policy, qweights)
     arch = {"llama": "llama", "bert": "bert"}.get(session.arch)
     if arch in GGUF_NAME_MAPS:
@@ -679,6 +689,7 @@ def _run_ptq(model: str, budget: Budget, backend: str, method: str, out: Path, s
         "test_size": (list(session.test_blocks.shape) if session.kind == "causal_lm"
                       else None),  # [blocks, tokens per block]
         "shapley": config.to_dict() if result is not None else None,
+        **_memory(session.model),
     }
     if gguf is not None:
         summary["gguf"] = gguf
@@ -722,6 +733,15 @@ def _finish_peer(session: PTQSession, found: Any, model: str, budget: Budget, ba
                       else None), "shapley": None}
     atomic_write_text(stage / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
     return summary
+
+
+def _memory(model: torch.nn.Module) -> dict[str, Any]:
+    """Peak RSS of the process so far, the float parameters' bytes and their ratio."""
+    from smpq.memory import model_bytes, peak_rss_bytes
+
+    peak, size = peak_rss_bytes(), model_bytes(model)
+    return {"peak_rss_bytes": peak, "model_bytes": size,
+            "peak_rss_over_model": peak / size if size else None}
 
 
 def ptq_command(model: str = "tiny-lm", budget: str = "avg_bits=3", backend: str = "rtn",
