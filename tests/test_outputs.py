@@ -96,12 +96,48 @@ def test_success_replaces_our_folder_whole_and_keeps_resumable_state(tmp_path):
     assert got == {"policy.json": "new", "checkpoint/state.json": "{}"}
 
 
-def test_a_folder_smpq_did_not_make_keeps_the_users_other_files(tmp_path):
-    (tmp_path / "notes.txt").write_text("mine")
-    (tmp_path / "policy.json").write_text("old")
-    with output_dir(tmp_path) as stage:
+def users_folder(folder: Path) -> dict[str, str]:
+    """A folder of the user's own (no smpq marker) whose names collide with smpq's outputs."""
+    (folder / "model").mkdir(parents=True)
+    (folder / "model" / "thesis.tex").write_text("\\chapter{mine}")
+    (folder / "policy.json").write_text('{"mine": true}')
+    (folder / "notes.txt").write_text("mine")
+    return tree(folder)
+
+
+def test_a_folder_smpq_did_not_make_is_refused_and_left_as_it_was(tmp_path):
+    out = tmp_path / "mine"
+    before = users_folder(out)
+    with pytest.raises(SmpqError, match=r"mine already holds files smpq did not write "
+                                        r"\(model/, notes.txt, policy.json\)"):
+        with output_dir(out):
+            raise AssertionError("the claim must fail before the work")
+    assert tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no lock, no staging left
+
+
+def test_a_folder_holding_only_resumable_state_is_claimed_and_the_state_kept(tmp_path):
+    out = tmp_path / "out"  # a first run killed before its swap: state only, no marker
+    out.mkdir()
+    (out / "engine_state.json").write_text("{}")
+    (out / ".engine_state.json.x1y2.tmp").write_text("half")  # killed mid-write
+    with output_dir(out, keep=("engine_state.json",)) as stage:
         (stage / "policy.json").write_text("new")
-    assert tree(tmp_path) == {"notes.txt": "mine", "policy.json": "new"}
+    got = tree(out)
+    assert got.pop(fileio.OUTPUT_MARKER)
+    assert got == {"policy.json": "new", "engine_state.json": "{}",
+                   ".engine_state.json.x1y2.tmp": "half"}
+
+
+def test_quantize_into_a_users_folder_fails_before_work_and_deletes_nothing(
+        monkeypatch, capsys, tmp_path):
+    out = tmp_path / "mine"
+    before = users_folder(out)
+    no_work(monkeypatch)
+    code, _, err = cli(monkeypatch, capsys, "quantize", "--uniform", "4/4", "--out", out)
+    one_error_line(code, err, str(out), "model/", "notes.txt", "policy.json")
+    assert tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
 
 def test_a_run_killed_between_the_two_renames_gets_the_previous_output_back(tmp_path):
