@@ -40,11 +40,37 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "check_output_dir",
+    "check_resumable",
+    "disk_full",
     "output_dir",
     "publish_dir",
 ]
 
 OUTPUT_MARKER = ".smpq-output"  # in a folder `output_dir` wrote: it may replace it whole
+
+
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # full, over quota, over `ulimit -f`
+_DISK_FULL_TEXT = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+                   "File too large": errno.EFBIG}
+
+
+def disk_full(exc: BaseException, path: str | os.PathLike | None = None) -> OSError | None:
+    """`exc` as an OSError naming `path` if it says the disk (or quota, or `ulimit -f`) is full,
+    else None; safetensors wraps the OS error in its own SafetensorError text."""
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+        code, why = exc.errno, exc.strerror or os.strerror(exc.errno)
+    else:
+        code = next((c for t, c in _DISK_FULL_TEXT.items() if t in str(exc)), None)
+        if code is None or type(exc).__name__ != "SafetensorError":
+            return None
+        why = os.strerror(code)
+    name = path if path is not None else getattr(exc, "filename", None)
+    return OSError(code, why, None if name is None else os.fspath(name))
+
+
+def disk_full_message(exc: OSError, what: str = "nothing was changed") -> str:
+    where = f" writing {exc.filename}" if exc.filename else ""
+    return f"no space left on device{where} ({exc.strerror}); {what}"
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -59,9 +85,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be shared
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        full = disk_full(exc, path)
+        if full is not None:  # the previous file at `path` is untouched
+            raise full from None
         raise
     return path
 
@@ -180,6 +209,18 @@ def _refuse_foreign(out: Path, keep: tuple[str, ...], shown: str) -> None:
         raise SmpqError(f"output folder {shown} already holds files smpq did not write ({few});"
                         " choose a new or empty folder (smpq never deletes what it did not "
                         "write)")
+
+
+def check_resumable(method: str, out: str | os.PathLike,
+                    states: tuple[str, ...]) -> None:
+    """`--resume` with nothing to resume is refused (it would silently start afresh): `states`
+    are the files (relative to `out`) a killed run of `method` leaves, none if it keeps none."""
+    if not states:
+        raise SmpqError(f"nothing to resume: {method} keeps no search state; run without "
+                        "--resume")
+    if not any((Path(out) / rel).is_file() for rel in states):
+        raise SmpqError(f"nothing to resume: no {' or '.join(states)} in {os.fspath(out)}; "
+                        "run without --resume")
 
 
 @contextlib.contextmanager
@@ -311,6 +352,18 @@ def output_dir(out: str | os.PathLike, keep: tuple[str, ...] = ()) -> Iterator[P
                 done = True
             finally:
                 _remove(stage)
+    except BaseException as exc:
+        full = disk_full(exc)
+        if full is None:
+            raise
+        left = (f"{shown} keeps its previous outputs" if (out / OUTPUT_MARKER).is_file() else
+                "nothing was written" if not out.exists() or not any(out.iterdir()) else
+                f"{shown} holds no outputs")
+        if any((out / rel).exists() for rel in keep):
+            left += " (and the search state, to resume)"
+        if full.filename and Path(full.filename).is_relative_to(stage):  # name the real file
+            full.filename = os.path.join(shown, Path(full.filename).relative_to(stage))
+        raise SmpqError(disk_full_message(full, left)) from None
     finally:
         if not done:
             _drop_empty(made)
