@@ -1,6 +1,7 @@
 """The `smpq` command: a thin typer layer over the Python API.
 
-Every user mistake surfaces as an SmpqError, printed as one line, exit code 2.
+Every user mistake surfaces as an SmpqError, printed as one line, exit code 2; so does a
+full disk (nothing of the previous output changed). Ctrl-C: one line, exit code 130.
 
 Why one module past ~400 lines: it is almost all option declarations (typer reads them from
 each command's signature); every command body is a few lines that check arguments and call
