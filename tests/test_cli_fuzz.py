@@ -216,3 +216,102 @@ def test_quantize_with_a_malformed_policy_prints_one_error_line_and_writes_nothi
                    "--policy", str(tmp / "policy.json"), "--out", str(tmp / "out"))
         _assert_one_line_error(*res)
         assert sorted(p.name for p in tmp.iterdir()) == ["policy.json"]
+
+
+# -- hostile --out targets -------------------------------------------------------------------
+
+_OUT_KINDS = ["users_folder", "link_to_users_folder", "link_to_new_folder", "link_loop",
+              "self_loop", "empty", "blank", "file", "link_to_file", "dangling_link",
+              "nested_new", "under_a_file"]
+
+
+def _plant_out(root: Path, kind: str, names: list[str]) -> str:
+    """Build the hostile --out target `kind` under `root` (with the user's files `names`)."""
+    mine = root / "mine"
+    mine.mkdir()
+    for i, n in enumerate(names):
+        (mine / n).parent.mkdir(parents=True, exist_ok=True)
+        (mine / n).write_bytes(f"{n}:{i}".encode())
+    (root / "f.txt").write_text("a file of the user's")
+    if kind == "users_folder":
+        return str(mine)
+    if kind in ("link_to_users_folder", "link_to_new_folder", "link_to_file", "dangling_link"):
+        target = {"link_to_users_folder": mine, "link_to_new_folder": root / "fresh",
+                  "link_to_file": root / "f.txt", "dangling_link": root / "nowhere" / "x"}[kind]
+        if kind == "link_to_new_folder":
+            target.mkdir()
+        (root / "link").symlink_to(target)
+        return str(root / "link")
+    if kind == "link_loop":
+        (root / "a").symlink_to(root / "b")
+        (root / "b").symlink_to(root / "a")
+        return str(root / "a")
+    if kind == "self_loop":
+        (root / "s").symlink_to(root / "s")
+        return str(root / "s" / "out")
+    if kind in ("empty", "blank"):
+        return "" if kind == "empty" else " "
+    if kind == "file":
+        return str(root / "f.txt")
+    if kind == "under_a_file":
+        return str(root / "f.txt" / "out")
+    return str(root / "new" / "deeper" / "out")
+
+
+def _snapshot(root: Path) -> dict[str, object]:
+    """Every entry under `root`: file bytes, symlink targets, folders (not followed)."""
+    import os
+
+    got: dict[str, object] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            got[rel] = (("link", os.readlink(p)) if p.is_symlink() else
+                        ("dir",) if p.is_dir() else ("file", p.read_bytes()))
+    return got
+
+
+_user_names = st.lists(st.sampled_from(["policy.json", "metrics.json", "model/thesis.tex",
+                                        "model/model.safetensors", "notes.txt", ".hidden",
+                                        "engine_state.json", "checkpoint/state.json"]),
+                       min_size=1, max_size=4, unique=True)
+
+
+@settings(max_examples=24, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(_OUT_KINDS), names=_user_names)
+def test_hostile_out_targets_lose_nothing_and_fail_in_one_line(ckpt, kind, names):
+    """Property: exit 0 or 2, at most one `error:` line, no traceback; every file, folder and
+    symlink of the user's is as it was (byte for byte), and a failure leaves no new folder."""
+    import os
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "root"
+        root.mkdir()
+        out = _plant_out(root, kind, names)
+        before = _snapshot(root)
+        cwd = os.getcwd()
+        os.chdir(root)  # `--out ''` would write here
+        try:
+            code, stdout, err = _run("quantize", "--uniform", "8/8", "--checkpoint", str(ckpt),
+                                     "--out", out)
+        finally:
+            os.chdir(cwd)
+        assert "Traceback" not in stdout + err, err
+        assert code in (0, 2), (code, err)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert (code == 2) == bool(lines) and len(lines) <= 1, err
+        assert not lines or lines[0].startswith("error:"), err
+        after = _snapshot(root)
+        for rel, what in before.items():  # nothing of the user's deleted or changed
+            if code == 0 and kind == "link_to_new_folder" and rel.startswith("fresh/"):
+                continue
+            assert after.get(rel) == what, (kind, rel)
+        new = set(after) - set(before)
+        if code == 2:
+            assert new == set(), (kind, new)
+        else:  # written where asked: a new folder, or through the link into its target
+            assert kind in ("link_to_new_folder", "dangling_link", "nested_new"), kind
+            assert all(not isinstance(after[n], tuple) or after[n][0] != "dir" or
+                       any(k.startswith(n + "/") for k in after) for n in new), new

@@ -96,12 +96,48 @@ def test_success_replaces_our_folder_whole_and_keeps_resumable_state(tmp_path):
     assert got == {"policy.json": "new", "checkpoint/state.json": "{}"}
 
 
-def test_a_folder_smpq_did_not_make_keeps_the_users_other_files(tmp_path):
-    (tmp_path / "notes.txt").write_text("mine")
-    (tmp_path / "policy.json").write_text("old")
-    with output_dir(tmp_path) as stage:
+def users_folder(folder: Path) -> dict[str, str]:
+    """A folder of the user's own (no smpq marker) whose names collide with smpq's outputs."""
+    (folder / "model").mkdir(parents=True)
+    (folder / "model" / "thesis.tex").write_text("\\chapter{mine}")
+    (folder / "policy.json").write_text('{"mine": true}')
+    (folder / "notes.txt").write_text("mine")
+    return tree(folder)
+
+
+def test_a_folder_smpq_did_not_make_is_refused_and_left_as_it_was(tmp_path):
+    out = tmp_path / "mine"
+    before = users_folder(out)
+    with pytest.raises(SmpqError, match=r"mine already holds files smpq did not write "
+                                        r"\(model/, notes.txt, policy.json\)"):
+        with output_dir(out):
+            raise AssertionError("the claim must fail before the work")
+    assert tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no lock, no staging left
+
+
+def test_a_folder_holding_only_resumable_state_is_claimed_and_the_state_kept(tmp_path):
+    out = tmp_path / "out"  # a first run killed before its swap: state only, no marker
+    out.mkdir()
+    (out / "engine_state.json").write_text("{}")
+    (out / ".engine_state.json.x1y2.tmp").write_text("half")  # killed mid-write
+    with output_dir(out, keep=("engine_state.json",)) as stage:
         (stage / "policy.json").write_text("new")
-    assert tree(tmp_path) == {"notes.txt": "mine", "policy.json": "new"}
+    got = tree(out)
+    assert got.pop(fileio.OUTPUT_MARKER)
+    assert got == {"policy.json": "new", "engine_state.json": "{}",
+                   ".engine_state.json.x1y2.tmp": "half"}
+
+
+def test_quantize_into_a_users_folder_fails_before_work_and_deletes_nothing(
+        monkeypatch, capsys, tmp_path):
+    out = tmp_path / "mine"
+    before = users_folder(out)
+    no_work(monkeypatch)
+    code, _, err = cli(monkeypatch, capsys, "quantize", "--uniform", "4/4", "--out", out)
+    one_error_line(code, err, str(out), "model/", "notes.txt", "policy.json")
+    assert tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
 
 def test_a_run_killed_between_the_two_renames_gets_the_previous_output_back(tmp_path):
@@ -211,9 +247,9 @@ def test_quantize_failing_while_writing_leaves_the_previous_output(monkeypatch, 
         return real(directory, model, meta)
 
     monkeypatch.setattr(smpq.cnn.train, "save_checkpoint", full_disk)
-    with pytest.raises(OSError, match="No space"):
-        cli(monkeypatch, capsys, "quantize", "--checkpoint", ckpt, "--uniform", "4/4",
-            "--out", out)
+    code, _, err = cli(monkeypatch, capsys, "quantize", "--checkpoint", ckpt, "--uniform", "4/4",
+                       "--out", out)
+    one_error_line(code, err, "no space left on device", "keeps its previous outputs")
     assert tree(out) == before  # not a 4/4 policy and metrics beside the 8/8 model
 
 
@@ -327,6 +363,166 @@ def test_quantize_under_a_file_size_limit_leaves_the_previous_output(ckpt, tmp_p
 
     second = subprocess.run([*args, "--uniform", "4/4"], env=env, capture_output=True,
                             text=True, timeout=300, preexec_fn=small_files)
-    assert second.returncode != 0
+    one_error_line(second.returncode, second.stderr, "no space left on device",
+                   str(out / "model"), "File too large", "keeps its previous outputs")
     assert tree(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+
+
+# -- hostile output paths, disk full, --resume with nothing to resume, Ctrl-C at start-up -----
+
+def test_an_empty_out_path_is_refused_before_any_work(monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)  # would have been written into
+    no_work(monkeypatch)
+    for command in (["quantize", "--uniform", "4/4"], ["search"], ["ptq"]):
+        code, _, err = cli(monkeypatch, capsys, *command, "--out", "")
+        one_error_line(code, err, "empty path")
+    with pytest.raises(SmpqError, match="empty path"), output_dir(""):
+        pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_symlink_loop_is_refused_before_any_work(monkeypatch, capsys, tmp_path):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    no_work(monkeypatch)
+    code, _, err = cli(monkeypatch, capsys, "quantize", "--uniform", "4/4", "--out",
+                       tmp_path / "a")
+    one_error_line(code, err, str(tmp_path / "a"), "symlink loop")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+    assert (tmp_path / "a").is_symlink() and (tmp_path / "b").is_symlink()
+
+
+def test_a_symlink_to_a_folder_in_use_is_locked_out_and_stays_a_symlink(tmp_path):
+    real, link = tmp_path / "real", tmp_path / "link"
+    with output_dir(real) as stage:
+        (stage / "policy.json").write_text("first")
+    link.symlink_to(real)
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys
+        from smpq.fileio import output_dir
+        with output_dir({str(real)!r}):
+            print("held", flush=True)
+            sys.stdin.read()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": SRC})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SmpqError, match=rf"in use.*pid {holder.pid}"), output_dir(link):
+            pass
+    finally:
+        holder.communicate("", timeout=30)
+    with output_dir(link, keep=("engine_state.json",)) as stage:  # free: written through
+        (stage / "policy.json").write_text("second")
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert (real / "policy.json").read_text() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
+def test_a_failed_claim_leaves_no_empty_folder_behind(tmp_path):
+    with pytest.raises(RuntimeError), output_dir(tmp_path / "a" / "b" / "out"):
+        raise RuntimeError("e.g. an impossible budget, found after the claim")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args", [["search", *FAST_SEARCH], ["search", *FAST_ENGINE],
+                                  ["search", "--method", "random", *FAST_ENGINE[:2]],
+                                  ["ptq"], ["ptq", "--method", "shapley"],
+                                  ["ptq", "--method", "fisher"]])
+def test_resume_with_nothing_to_resume_is_refused_before_any_work(monkeypatch, capsys, tmp_path,
+                                                                  args):
+    import smpq.transformer.run as tr
+
+    def boom(*a, **k):
+        raise AssertionError("work started")
+
+    monkeypatch.setattr(tr, "PTQSession", boom)
+    no_work(monkeypatch)
+    code, _, err = cli(monkeypatch, capsys, *args, "--out", tmp_path / "o", "--resume")
+    one_error_line(code, err, "nothing to resume", "without --resume")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_full_while_writing_the_search_state_keeps_the_previous_state(
+        monkeypatch, capsys, ckpt, tmp_path):
+    out = tmp_path / "s"
+    args = ["search", "--checkpoint", ckpt, "--out", out, *FAST_ENGINE]
+    code, _, err = cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    before = tree(out)
+    assert "engine_state.json" in before
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fileio.os, "fsync", full)  # the first write: the screening's state
+    code, _, err = cli(monkeypatch, capsys, *args, "--seed", "1")
+    one_error_line(code, err, "no space left on device", str(out / "engine_state.json"),
+                   "keeps its previous outputs")
+    assert tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
+def test_disk_full_inside_safetensors_is_one_line_and_keeps_the_previous_model(
+        monkeypatch, capsys, ckpt, tmp_path):
+    import safetensors.torch
+
+    out = tmp_path / "q"
+    code, _, err = cli(monkeypatch, capsys, "quantize", "--checkpoint", ckpt, "--uniform", "8/8",
+                       "--out", out)
+    assert code == 0, err
+    before = tree(out)
+    error = type("SafetensorError", (Exception,), {})  # safetensors' own, wrapping errno 28
+
+    def full(*a, **k):
+        raise error('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                    'message: "No space left on device" })')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    code, _, err = cli(monkeypatch, capsys, "quantize", "--checkpoint", ckpt, "--uniform", "4/4",
+                       "--out", out)
+    one_error_line(code, err, "no space left on device", "model.safetensors")
+    assert tree(out) == before
+
+
+def _start_interrupted(tmp_path, module_code: str) -> subprocess.CompletedProcess:
+    """Run `smpq quantize` with a sitecustomize that raises KeyboardInterrupt (what SIGINT
+    raises) while `module_code` runs, i.e. while torch or the command loads."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(module_code)
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{SRC}",
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run([sys.executable, "-m", "smpq.cli", "quantize", "--uniform", "4/4",
+                           "--out", str(tmp_path / "o")], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_ctrl_c_while_torch_loads_is_one_line_and_exit_130(tmp_path):
+    res = _start_interrupted(tmp_path, textwrap.dedent("""
+        import os, signal, sys
+        class Finder:  # SIGINT at the moment `import torch` starts
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch":
+                    os.kill(os.getpid(), signal.SIGINT)
+                return None
+        sys.meta_path.insert(0, Finder())
+    """))
+    assert res.returncode == 130, res.stderr
+    assert "Traceback" not in res.stderr and res.stderr.strip().splitlines() == [
+        "interrupted while starting; nothing was written"], res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_after_start_up_in_a_command_without_resume_is_one_line_and_130(
+        monkeypatch, capsys, tmp_path):
+    import smpq.cli
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(smpq.cli, "fp_model", interrupt)
+    code, _, err = cli(monkeypatch, capsys, "quantize", "--uniform", "4/4", "--out",
+                       tmp_path / "o")
+    assert code == 130 and "Traceback" not in err
+    assert err.strip().splitlines() == ["interrupted; no output folder was replaced"]
+    assert list(tmp_path.iterdir()) == []

@@ -1,6 +1,7 @@
 """The `smpq` command: a thin typer layer over the Python API.
 
-Every user mistake surfaces as an SmpqError, printed as one line, exit code 2.
+Every user mistake surfaces as an SmpqError, printed as one line, exit code 2; so does a
+full disk (nothing of the previous output changed). Ctrl-C: one line, exit code 130.
 
 Why one module past ~400 lines: it is almost all option declarations (typer reads them from
 each command's signature); every command body is a few lines that check arguments and call
@@ -22,6 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+import smpq._startup  # first of smpq's: Ctrl-C while torch loads is one line, exit 130
 from smpq import strategy
 from smpq.errors import SmpqError
 
@@ -48,6 +50,19 @@ WorkersOpt = typer.Option(0, min=0, help="Value evaluations on a local Ray clust
 RayAddressOpt = typer.Option(None, help="Value evaluations on the Ray cluster at HOST:PORT.")
 DeviceOpt = typer.Option("cpu", help="Device of value evaluations (each worker's): cpu, cuda, "
                          "cuda:K.")
+
+
+
+class _EmptyOut(Exception):  # noqa: N818  (not a ValueError: click would wrap that in usage)
+    """`--out ''`: reported by main() as one error line."""
+
+
+def _out_path(value: str | Path) -> Path:
+    """An output folder: an empty path (`--out ''`, which pathlib reads as the current
+    folder) is a mistake, not the current folder."""
+    if isinstance(value, str) and not value.strip():
+        raise _EmptyOut("--out is an empty path; give a folder, e.g. --out runs/x")
+    return Path(value)
 
 
 @app.callback()
@@ -120,7 +135,7 @@ def _interrupted(state: Path, what: str) -> typer.Exit:
         msg = (f"interrupted: {what}{epoch} is kept in {state}; to continue, run: "
                f"smpq {shlex.join(argv)} --resume")
     else:
-        msg = f"interrupted before any {what} was written; nothing to resume"
+        msg = f"interrupted before {what} was written; nothing to resume"
     err_console.print(msg, markup=False, highlight=False, soft_wrap=True)
     return typer.Exit(130)
 
@@ -162,7 +177,8 @@ def _table(title: str, rows: list[dict], columns: list[str]) -> Table:
 @app.command()
 def train(
     data: str = DataOpt, model: str = ModelOpt, epochs: int = typer.Option(30, min=0),
-    out: Path = typer.Option(Path("runs/fp"), help="Checkpoint folder to write."),
+    out: Path = typer.Option(Path("runs/fp"), parser=_out_path,
+                             help="Checkpoint folder to write."),
     data_dir: str = DataDirOpt, seed: int = SeedOpt,
 ) -> None:
     """Train a float model and save it (safetensors + meta.json)."""
@@ -236,7 +252,8 @@ def quantize(
     uniform: str = typer.Option(None, help="Uniform W/A bits, e.g. 4/4."),
     pin: bool = typer.Option(True, help="Keep first and last layer at 8/8 (with --uniform)."),
     qat_epochs: int = typer.Option(0, min=0, help="Epochs of LSQ QAT finetune (0 = PTQ only)."),
-    out: Path = typer.Option(None, help="Folder to write policy.json, metrics.json, weights."),
+    out: Path = typer.Option(None, parser=_out_path,
+                             help="Folder to write policy.json, metrics.json, weights."),
     seed: int = SeedOpt,
 ) -> None:
     """Apply a policy, optionally finetune with QAT, and report accuracy, size, BitOps."""
@@ -310,7 +327,8 @@ def search(
         "evaluation in the loop), smpq (the paper's Shapley supernet search), dmpq (EdMIPS), "
         "or any CNN method `smpq compare` lists."),
     budget: str = typer.Option("bitops=uniform:3/3", help="Budget, e.g. bitops=uniform:3/3."),
-    out: Path = typer.Option(Path("runs/search"), help="Output folder."),
+    out: Path = typer.Option(Path("runs/search"), parser=_out_path,
+                             help="Output folder."),
     evaluations: int = typer.Option(
         300, help="shapley-loop/random: value evaluations (forward passes over validation)."),
     top_k: int = typer.Option(4, help="shapley-loop: policies evaluated per loop round."),
@@ -359,6 +377,11 @@ def search(
                                    "metric": value or "neg_kl", **scale}
     bud = Budget.parse(budget)
     engine_ckpt = out / "engine_state.json"
+    if resume:
+        from smpq.fileio import check_resumable
+
+        check_resumable(method, out, ("checkpoint/state.json",) if supernet else
+                        (engine_ckpt.name,) if method == "shapley-loop" else ())
     with _claim(out, keep=("checkpoint", "engine_state.json")) as stage:
         try:
             check_budget_untrained(data, model, checkpoint, data_dir, bud, cfg, pin, seed)
@@ -379,7 +402,8 @@ def search(
 def derive(
     run_dir: Path = typer.Option(..., "--from", help="Output folder of a finished `smpq search`."),
     budget: str = typer.Option(..., help="Budget, e.g. bitops@searched=uniform:4/4."),
-    out: Path = typer.Option(None, help="Folder for policy.json (default: "
+    out: Path = typer.Option(None, parser=_out_path,
+                             help="Folder for policy.json (default: "
                              "RUN_DIR/derived/<budget>)."),
 ) -> None:
     """Re-derive a finished search at another budget (exact, no search): policy.json + check."""
@@ -400,7 +424,8 @@ def compare(
     budget: str = typer.Option("bitops=uniform:3/3", help="Budget, e.g. bitops=uniform:3/3."),
     methods: str = typer.Option(",".join(strategy.names("cnn", listed_only=True)),
                                 help="Comma-separated methods to compare."),
-    out: Path = typer.Option(Path("runs/compare"), help="Output folder."),
+    out: Path = typer.Option(Path("runs/compare"), parser=_out_path,
+                             help="Output folder."),
     data: str = DataOpt, model: str = ModelOpt, checkpoint: Path = CkptOpt,
     cache: Path = CacheOpt, data_dir: str = DataDirOpt,
     epochs: int = typer.Option(8, min=1, help=SEARCH_HELP),
@@ -440,7 +465,8 @@ def compare(
 
 @app.command()
 def run(
-    out: Path = typer.Option(Path("runs/default"), help="Output folder."),
+    out: Path = typer.Option(Path("runs/default"), parser=_out_path,
+                             help="Output folder."),
     data: str = DataOpt, model: str = ModelOpt, cache: Path = CacheOpt,
     budget: str = typer.Option("bitops=uniform:3/3", help="Budget for the searches."),
     epochs: int = typer.Option(8, min=1, help=SEARCH_HELP),
@@ -566,7 +592,8 @@ def ptq(
     backend: str = typer.Option("rtn", help="rtn, gptq, awq_rtn or awq_gptq."),
     method: str = typer.Option(strategy.names("transformer")[0],
                                help=_either(strategy.names("transformer")) + "."),
-    out: Path = typer.Option(Path("runs/ptq"), help="Output folder."),
+    out: Path = typer.Option(Path("runs/ptq"), parser=_out_path,
+                             help="Output folder."),
     candidates: str = typer.Option("int2g32,int3g32,int4g32,int8g32",
                                    help="Weight formats to choose from: int4g32, int8, "
                                    "fp4_e2m1g32, GGUF types (q4_0, q4_k, iq4_nl, ...; each "
@@ -641,20 +668,49 @@ def ptq(
     console.print(text, markup=False, highlight=False)
 
 
+def _error(message: str) -> None:
+    """Print one `error:` line (markup-free: messages echo paths and names) and exit 2."""
+    from rich.markup import escape
+
+    msg = escape("\\n".join(message.splitlines()))
+    err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True,
+                      emoji=False)
+    sys.exit(2)
+
+
+def _ctrl_c(exc: SystemExit) -> bool:
+    """typer turns a Ctrl-C no command handled into a silent Exit(130)."""
+    inner = exc.__context__
+    return exc.code == 130 and inner is not None and isinstance(inner.__cause__,
+                                                                KeyboardInterrupt)
+
+
 def main() -> None:
-    """Entry point: run the app, turning user mistakes into one line and exit code 2."""
+    """Entry point: run the app, turning user mistakes into one line and exit code 2, a full
+    disk into one line and exit code 2, and Ctrl-C into one line and exit code 130."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         app()
-    except SmpqError as exc:
-        from rich.markup import escape
+    except (SmpqError, _EmptyOut) as exc:
+        _error(str(exc))
+    except OSError as exc:
+        from smpq.fileio import disk_full, disk_full_message
 
-        # messages echo user input (layer names, paths): keep it one line and markup-free
-        msg = escape("\\n".join(str(exc).splitlines()))
-        err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True,
-                          emoji=False)
-        sys.exit(2)
+        full = disk_full(exc)
+        if full is None:
+            raise
+        _error(disk_full_message(full))
+    except KeyboardInterrupt:
+        err_console.print(smpq._startup.MESSAGE, markup=False, highlight=False)
+        sys.exit(130)
+    except SystemExit as exc:
+        if _ctrl_c(exc):
+            err_console.print("interrupted; no output folder was replaced", markup=False,
+                              highlight=False)
+        raise
 
+
+smpq._startup.restore()  # loaded: from here on Ctrl-C is main's (and each command's)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -8,14 +8,19 @@ commands never write one output folder at once.
 
 `output_dir(out)` in a picture (`keep` names the resumable state a command keeps in `out`):
 
-    check out (a folder, writable)  ->  lock <out>.lock (exclusive, released when we exit)
+    check out (a folder, writable; symlinks resolved; not a folder of the user's)
+    -> lock <real out>.lock (exclusive, released when we exit)
     -> outputs written to .<name>.new/  ->  rename out to .<name>.old, .<name>.new to out
     -> carry `keep` entries (checkpoints) over from .<name>.old  ->  delete .<name>.old
+
+Never deleted: anything smpq did not write. An existing folder without smpq's marker file
+that holds more than resumable state is refused before any work, not replaced.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import shutil
@@ -35,11 +40,37 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "check_output_dir",
+    "check_resumable",
+    "disk_full",
     "output_dir",
     "publish_dir",
 ]
 
 OUTPUT_MARKER = ".smpq-output"  # in a folder `output_dir` wrote: it may replace it whole
+
+
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # full, over quota, over `ulimit -f`
+_DISK_FULL_TEXT = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+                   "File too large": errno.EFBIG}
+
+
+def disk_full(exc: BaseException, path: str | os.PathLike | None = None) -> OSError | None:
+    """`exc` as an OSError naming `path` if it says the disk (or quota, or `ulimit -f`) is full,
+    else None; safetensors wraps the OS error in its own SafetensorError text."""
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+        code, why = exc.errno, exc.strerror or os.strerror(exc.errno)
+    else:
+        code = next((c for t, c in _DISK_FULL_TEXT.items() if t in str(exc)), None)
+        if code is None or type(exc).__name__ != "SafetensorError":
+            return None
+        why = os.strerror(code)
+    name = path if path is not None else getattr(exc, "filename", None)
+    return OSError(code, why, None if name is None else os.fspath(name))
+
+
+def disk_full_message(exc: OSError, what: str = "nothing was changed") -> str:
+    where = f" writing {exc.filename}" if exc.filename else ""
+    return f"no space left on device{where} ({exc.strerror}); {what}"
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -54,9 +85,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be shared
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        full = disk_full(exc, path)
+        if full is not None:  # the previous file at `path` is untouched
+            raise full from None
         raise
     return path
 
@@ -110,22 +144,83 @@ def publish_dir(final: str | os.PathLike, marker: str) -> Iterator[Path]:
 
 # -- output folders ------------------------------------------------------------------------
 
-def check_output_dir(out: str | os.PathLike) -> Path:
-    """Raise SmpqError unless `out` is (or can be made) a writable folder; returns it absolute.
+def _real_path(out: str | os.PathLike) -> Path:
+    """`out` absolute with every symlink resolved: the folder that is really written (and
+    locked), so `--out LINK` and `--out TARGET` are one folder and the link stays a link."""
+    if not os.fspath(out).strip():
+        raise SmpqError("the output folder is an empty path; give a folder, e.g. --out runs/x")
+    try:
+        real = Path(os.path.abspath(out)).resolve()
+        os.stat(real)
+    except FileNotFoundError:
+        pass
+    except (RuntimeError, OSError) as exc:  # RuntimeError: pathlib's "Symlink loop"
+        if isinstance(exc, OSError) and exc.errno != errno.ELOOP:
+            raise SmpqError(f"output folder {out} cannot be used: {exc.strerror}") from None
+        raise SmpqError(f"output folder {out} is a symlink loop; give a real folder") from None
+    return real
 
-    Cheap, so commands call it before any model loading or training."""
-    out = Path(os.path.abspath(out))
+
+def _ours(name: str, keep: tuple[str, ...]) -> bool:
+    """An entry smpq's own resumable state may leave in a folder without the marker: a `keep`
+    entry, or the temporary file of one that a kill interrupted mid-write."""
+    tops = {Path(rel).parts[0] for rel in keep}
+    return name in tops or any(name.startswith(f".{t}.") and name.endswith(".tmp")
+                               for t in tops)
+
+
+def _foreign(out: Path, keep: tuple[str, ...]) -> list[str]:
+    """Entries of an existing folder `out` that smpq did not write (none if it holds the
+    marker: a folder smpq made is replaced whole)."""
+    if not out.is_dir() or (out / OUTPUT_MARKER).is_file():
+        return []
+    return sorted(e.name + ("/" if e.is_dir() else "") for e in out.iterdir()
+                  if not _ours(e.name, keep))
+
+
+def check_output_dir(out: str | os.PathLike, keep: tuple[str, ...] = ()) -> Path:
+    """Raise SmpqError unless `out` is (or can be made) a writable folder that smpq may fill;
+    returns the real (absolute, symlinks resolved) folder.
+
+    A folder that exists, lacks smpq's marker and holds anything but `keep` (the resumable
+    state a killed run left) is the user's own: refused, never emptied. Cheap, so commands
+    call it before any model loading or training."""
+    shown = os.fspath(out)
+    out = _real_path(out)
     if out.exists() and not out.is_dir():
-        raise SmpqError(f"output folder {out} is an existing file; give a folder path")
+        raise SmpqError(f"output folder {shown} is an existing file; give a folder path")
     probe = out
     while not probe.exists():  # the nearest existing ancestor is where folders get created
         probe = probe.parent
     if not probe.is_dir():
-        raise SmpqError(f"cannot create output folder {out}: {probe} is a file")
+        raise SmpqError(f"cannot create output folder {shown}: {probe} is a file")
     for folder in {probe, out.parent} if out.exists() else {probe}:
         if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
-            raise SmpqError(f"output folder {out} cannot be written: {folder} is read-only")
+            raise SmpqError(f"output folder {shown} cannot be written: {folder} is read-only")
+    _refuse_foreign(out, keep, shown)
     return out
+
+
+def _refuse_foreign(out: Path, keep: tuple[str, ...], shown: str) -> None:
+    foreign = _foreign(out, keep)
+    if foreign:
+        few = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3
+                                        else "")
+        raise SmpqError(f"output folder {shown} already holds files smpq did not write ({few});"
+                        " choose a new or empty folder (smpq never deletes what it did not "
+                        "write)")
+
+
+def check_resumable(method: str, out: str | os.PathLike,
+                    states: tuple[str, ...]) -> None:
+    """`--resume` with nothing to resume is refused (it would silently start afresh): `states`
+    are the files (relative to `out`) a killed run of `method` leaves, none if it keeps none."""
+    if not states:
+        raise SmpqError(f"nothing to resume: {method} keeps no search state; run without "
+                        "--resume")
+    if not any((Path(out) / rel).is_file() for rel in states):
+        raise SmpqError(f"nothing to resume: no {' or '.join(states)} in {os.fspath(out)}; "
+                        "run without --resume")
 
 
 @contextlib.contextmanager
@@ -186,50 +281,89 @@ def _recover(out: Path, old: Path, keep: tuple[str, ...]) -> None:
     _remove(old)
 
 
-def _swap(stage: Path, out: Path, old: Path, keep: tuple[str, ...]) -> None:
-    """Put `stage` in place of `out`, carrying `keep` entries over from the old folder."""
+def _swap(stage: Path, out: Path, old: Path, keep: tuple[str, ...], whole: bool) -> None:
+    """Put `stage` in place of `out`, carrying `keep` entries over from the old folder.
+
+    `whole`: `out` held smpq's marker when it was claimed, so its other entries are a previous
+    run's outputs and go. Otherwise it was new, empty or held only resumable state, and
+    whatever appeared in it during the run (a cache, a file of the user's) is carried over:
+    nothing smpq did not write is deleted."""
     if not out.exists():
         os.replace(stage, out)
-    elif (out / OUTPUT_MARKER).is_file() or {e.name for e in out.iterdir()} <= {
-            Path(rel).parts[0] for rel in keep}:  # ours, or only our resumable state
-        os.replace(out, old)
-        os.replace(stage, out)
-        for rel in keep:
-            _move(old / rel, out / rel)
-        _remove(old)
-    else:  # a folder smpq did not make (e.g. `--out .`): replace only the entries we wrote
-        (stage / OUTPUT_MARKER).unlink()
-        old.mkdir()
-        for entry in sorted(stage.iterdir()):
-            _move(out / entry.name, old / entry.name)
-            os.replace(entry, out / entry.name)
-        _remove(old)
+        return
+    os.replace(out, old)
+    os.replace(stage, out)
+    for rel in keep:
+        _move(old / rel, out / rel)
+    if not whole:
+        for entry in old.iterdir():
+            _move(entry, out / entry.name)
+    _remove(old)
+
+
+def _made_parents(out: Path) -> list[Path]:
+    """The missing ancestors of `out` (deepest first), so a failed claim can remove them."""
+    made = []
+    for parent in out.parents:
+        if parent.exists():
+            break
+        made.append(parent)
+    return made
+
+
+def _drop_empty(folders: list[Path]) -> None:
+    """Remove each folder that is empty (deepest first): a failed run leaves no empty folder."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 @contextlib.contextmanager
 def output_dir(out: str | os.PathLike, keep: tuple[str, ...] = ()) -> Iterator[Path]:
     """Claim `out` for one command; yield an empty staging folder for its final outputs.
 
-    `out` is checked (`check_output_dir`) and locked for the whole block: a second command
-    on the same folder fails at once with an SmpqError naming the holder's pid. On a clean
-    exit the staging folder replaces `out`; the paths in `keep` (relative to `out`:
-    checkpoints and caches that the command writes straight into `out` so that a killed run
-    can resume) are carried over from the previous folder. On an exception (or a kill) the
-    previous `out` is left as it was. A folder `out` that smpq did not make (no marker file)
-    is not replaced whole: only the entries the command wrote are.
+    `out` is checked (`check_output_dir`: a folder of the user's is refused) and its real
+    folder (symlinks resolved; a symlink stays a symlink) locked for the whole block: a second
+    command on the same folder, by any name, fails at once with an SmpqError naming the
+    holder's pid. On a clean exit the staging folder replaces `out`; the paths in `keep`
+    (relative to `out`: checkpoints and caches that the command writes straight into `out` so
+    that a killed run can resume) are carried over from the previous folder. On an exception
+    (or a kill) the previous `out` is left as it was, and folders the claim created are
+    removed if they stayed empty.
     """
-    out = check_output_dir(out)
+    keep, shown = tuple(keep), os.fspath(out)
+    out = check_output_dir(out, keep)
+    made = [*([] if out.exists() else [out]), *_made_parents(out)]
     out.parent.mkdir(parents=True, exist_ok=True)
-    keep = tuple(keep)
     stage, old = (out.parent / f".{out.name}.{part}" for part in ("new", "old"))
-    with _locked(out):
-        _recover(out, old, keep)
-        _remove(stage)  # left by a run that was killed before its swap
-        stage.mkdir()
-        try:
-            yield stage
-            (stage / OUTPUT_MARKER).write_text("written by smpq; replaced whole on the next "
-                                               "run with this output folder\n")
-            _swap(stage, out, old, keep)
-        finally:
-            _remove(stage)
+    done = False
+    try:
+        with _locked(out):
+            _refuse_foreign(out, keep, shown)  # again, now that no other run can write it
+            _recover(out, old, keep)  # .<name>.old is smpq's own: a swap a kill cut short
+            whole = (out / OUTPUT_MARKER).is_file()
+            _remove(stage)  # left by a run that was killed before its swap
+            stage.mkdir()
+            try:
+                yield stage
+                (stage / OUTPUT_MARKER).write_text("written by smpq; replaced whole on the "
+                                                   "next run with this output folder\n")
+                _swap(stage, out, old, keep, whole)
+                done = True
+            finally:
+                _remove(stage)
+    except BaseException as exc:
+        full = disk_full(exc)
+        if full is None:
+            raise
+        left = (f"{shown} keeps its previous outputs" if (out / OUTPUT_MARKER).is_file() else
+                "nothing was written" if not out.exists() or not any(out.iterdir()) else
+                f"{shown} holds no outputs")
+        if any((out / rel).exists() for rel in keep):
+            left += " (and the search state, to resume)"
+        if full.filename and Path(full.filename).is_relative_to(stage):  # name the real file
+            full.filename = os.path.join(shown, Path(full.filename).relative_to(stage))
+        raise SmpqError(disk_full_message(full, left)) from None
+    finally:
+        if not done:
+            _drop_empty(made)

@@ -53,7 +53,7 @@ from smpq import strategy
 from smpq.alloc import Allocation
 from smpq.cost import Budget, ResolvedBudget
 from smpq.errors import SmpqError
-from smpq.fileio import atomic_write_text, output_dir
+from smpq.fileio import atomic_write_text, check_resumable, output_dir
 from smpq.shapley import ShapleyResult
 from smpq.strategy import SearchProblem
 from smpq.transformer.inputs import check_budget_early as _check_budget_early
@@ -570,6 +570,19 @@ ENGINE_STATE_FILES = tuple(f"engine_state{tag}{ext}" for tag in ("", "_val", "_n
                            for ext in (".json", ".session.json"))
 
 
+def resume_states(method: str, options: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+    """The state files (in `out`) a killed run of `method` resumes from; none for methods
+    that keep none (the baselines, random, local)."""
+    o = dict(options or {})
+    if method == DEFAULT_METHOD:  # one checkpoint per value option (engine_strategy)
+        tag = "".join(f"_{x}" for x, default in ((o.get("value_split", "calib"), "calib"),
+                                                 (o.get("metric", "neg_kl"), "neg_kl"))
+                      if x != default)
+        return (f"engine_state{tag}.json",)
+    return ("shapley_state.json",) if method == "shapley" or method.startswith(
+        "shapley_") else ()
+
+
 def run_ptq(model: str, budget: str | Budget, backend: str = "rtn",
             method: str = DEFAULT_METHOD, out: str | Path = "runs/ptq",
             candidates: str | list = DEFAULT_CANDIDATES, seed: int = 0, resume: bool = False,
@@ -594,6 +607,8 @@ def run_ptq(model: str, budget: str | Budget, backend: str = "rtn",
     check_scale(method, scale)
     if export is not None:  # before the output folder is claimed: nothing written
         _check_export(export, model, candidates, settings.cache_dir)
+    if resume:
+        check_resumable(method, out, resume_states(method, options))
     with output_dir(out, keep=("shapley_state.json", *ENGINE_STATE_FILES)) as stage:
         _check_budget_early(model, budget, candidates)
         return _run_ptq(model, budget, backend, method, Path(out), stage, candidates, seed,
