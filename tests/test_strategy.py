@@ -22,7 +22,7 @@ from smpq.strategy import SearchProblem, StrategyResult
 CNN = ("shapley-loop", "uniform", "hawq", "oat_high", "oat_low", "greedy", "random", "smpq",
        "dmpq", "oracle", "evolution", "clado")
 TRANSFORMER = ("shapley-loop", "shapley", "shapley_pairwise", "shapley_literal", "uniform",
-               "hessian", "fisher", "gradxdw", "relerr", "random", "local")
+               "hessian", "fisher", "gradxdw", "relerr", "random", "local", "evopress")
 
 
 @pytest.fixture
@@ -214,7 +214,7 @@ def test_cli_method_lists_come_from_the_registry(monkeypatch, capsys, registered
     assert _option("ptq", "method").help == ("shapley-loop, shapley, shapley_pairwise, "
                                              "shapley_literal, "
                                              "uniform, hessian, fisher, gradxdw, relerr, "
-                                             "random or local.")
+                                             "random, local or evopress.")
     assert _option("compare", "methods").default == ",".join(
         strategy.names("cnn", listed_only=True))
     # a strategy registered later is accepted and listed by `smpq compare`

@@ -472,17 +472,78 @@ def run(
     console.print(f"wrote {out}/results.json, results.md and {out}/shapley-loop/report.html")
 
 
+class PlainStages:
+    """Progress of `smpq ptq` when stderr is a log or a pipe: plain lines with times.
+
+    A line when a stage starts, one when it ends (its seconds), and, within a stage, one
+    every `every` seconds with its count and an ETA, so a logged run is never silent for
+    minutes. Lines within the first `quiet` seconds of the command are held back and
+    printed once it has run that long (or ends normally), so a mistake refused in the first
+    seconds still prints its one-line error alone."""
+
+    def __init__(self, write, clock=None, quiet: float = 10.0, every: float = 30.0) -> None:
+        import time
+
+        self.write, self.clock = write, clock or time.monotonic
+        self.quiet, self.every = quiet, every
+        self.t0 = self.clock()
+        self.stage: str | None = None
+        self.stage_t0 = self.last = self.t0
+        self.held: list[str] | None = []  # None once the quiet period is over
+
+    def _line(self, now: float, text: str) -> None:
+        line = f"[{now - self.t0:7.1f}s] {text}"
+        if self.held is not None and now - self.t0 < self.quiet:
+            self.held.append(line)
+            return
+        self.flush()
+        self.write(line)
+
+    def flush(self) -> None:
+        for line in self.held or ():
+            self.write(line)
+        self.held = None
+
+    def _end(self, now: float) -> None:
+        if self.stage is not None:
+            self._line(now, f"{self.stage}: done in {now - self.stage_t0:.1f} s")
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = self.clock()
+        if stage != self.stage:
+            self._end(now)
+            self.stage, self.stage_t0, self.last = stage, now, now
+            self._line(now, f"{stage}: started" + (f" ({total} steps)" if total > 1 else ""))
+        elif now - self.last >= self.every:
+            self.last = now
+            spent = now - self.stage_t0
+            eta = (f", eta {spent / done * (total - done):.0f} s" if 0 < done < total else "")
+            self._line(now, f"{stage}: {done}/{total} after {spent:.0f} s{eta}")
+
+    def close(self) -> None:
+        """The last stage's end and anything held back (a run that ended normally)."""
+        self._end(self.clock())
+        self.stage = None
+        self.flush()
+
+
 @contextmanager
 def _stage_bars():
-    """Progress of `smpq ptq`: one bar per stage (load, references, candidates, scoring,
-    shapley-loop, ...) with elapsed time and an ETA; yields a callback (stage, done, total)."""
+    """Progress of `smpq ptq`: on a terminal one bar per stage (load, references, candidates,
+    scoring, the search under its method's name, evaluate, ...) with elapsed time and an ETA;
+    otherwise `PlainStages` lines. Yields a callback (stage, done, total)."""
     from rich.progress import TimeRemainingColumn
 
+    if not err_console.is_terminal:
+        plain = PlainStages(lambda line: err_console.print(line, markup=False, highlight=False,
+                                                           soft_wrap=True))
+        yield plain
+        plain.close()
+        return
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(),
         TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
         TextColumn("eta"), TimeRemainingColumn(), console=err_console, transient=True,
-        disable=not err_console.is_terminal,  # logs and pipes get the final report only
     ) as prog:
         tasks: dict[str, int] = {}
 
@@ -513,7 +574,8 @@ def ptq(
                                    "types, embedding and output layer included)."),
     evaluations: int = typer.Option(
         None, help="shapley-loop: policies evaluated (forward passes over the calibration "
-        "text), the Fisher and uniform priors included (default 24)."),
+        "text), the Fisher and uniform priors included (default 24); random, local: the "
+        "same; evopress: the same compute in block-tokens (partial passes count in part)."),
     top_k: int = typer.Option(None, help="shapley-loop: policies evaluated per loop round "
                               "(default 4)."),
     value: str = typer.Option(
@@ -537,10 +599,22 @@ def ptq(
         "the policy's types, refused if llama.cpp would replace any) and report its size and "
         "llama-perplexity on the test text; needs scripts/build_llamacpp.sh once."),
     seed: int = SeedOpt,
+    workers: int = typer.Option(0, min=0, help="Value evaluations of the Shapley game methods "
+                                "(shapley, shapley_pairwise, shapley_literal) on a local Ray "
+                                "cluster of N workers (needs the ray extra); 0 = here."),
+    ray_address: str = RayAddressOpt,
 ) -> None:
-    """Post-training mixed precision for a transformer's linear layers (weight-only)."""
-    from smpq.transformer.run import ptq_command
+    """Post-training mixed precision for a transformer's linear layers (weight-only).
 
+    --method autoscheme runs Intel's AutoScheme instead, for comparison (avg_bits budgets;
+    needs scripts/install_peers.sh once)."""
+    from smpq.transformer.run import check_scale, ptq_command
+
+    if workers or ray_address is not None:  # checked before any work, as search's
+        from smpq.evaluator import EvaluatorConfig
+
+        check_scale(method, EvaluatorConfig(workers=workers, address=ray_address))
+    scale = _backend(workers, ray_address, "cpu").get("backend")
     if top_k is not None and top_k < 1:
         raise SmpqError(f"--top-k must be at least 1, got {top_k}")
     if evaluations is not None and evaluations < 1:
@@ -559,7 +633,7 @@ def ptq(
                                value_split=value_split,
                                calib_text=None if calib_text is None else str(calib_text),
                                calib_tokens=calib_tokens, cache_dir=str(cache), progress=bar,
-                               export=export)
+                               export=export, scale=scale)
         except KeyboardInterrupt:
             state = out / ("shapley_state.json" if method.startswith("shapley_")
                            or method == "shapley" else "engine_state.json")

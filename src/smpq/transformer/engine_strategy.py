@@ -47,10 +47,11 @@ from smpq.engine.space import PolicySpace
 from smpq.errors import SmpqError
 from smpq.fileio import atomic_write_text
 from smpq.strategy import SearchProblem, StrategyResult, register
+from smpq.transformer.prefix import DEFAULT_CACHE_MB
 
 __all__ = ["DEFAULT_EVALUATIONS", "DEFAULT_FEATURE", "DEFAULT_PRIORS", "METRICS", "NAME",
-           "SessionValue", "VALUE_SPLITS", "ladder_order", "policy_space", "prior_gains",
-           "shapley_loop", "unit_ladders", "value_options"]
+           "SessionValue", "VALUE_SPLITS", "ladder_order", "policy_space", "prefix_cache_bytes",
+           "prior_gains", "shapley_loop", "unit_ladders", "value_options"]
 
 NAME = "shapley-loop"
 # One evaluation is one forward over the calibration text: on SmolLM2-135M with 2,048 tokens
@@ -105,7 +106,8 @@ def _priors(p: SearchProblem, resolved: Any
     their per-group candidate scores (for the surrogate's prior feature)."""
     from smpq import strategy
 
-    out, cost, scores = [], {"seconds": 0.0, "forward_passes": 0, "backward_passes": 0}, {}
+    out, scores = [], {}
+    cost = {"seconds": 0.0, "forward_passes": 0, "backward_passes": 0, "block_tokens": 0}
     for name in _prior_names(p):
         if name == NAME:
             raise SmpqError(f"{NAME} cannot be its own prior")
@@ -168,47 +170,116 @@ def prior_gains(space: PolicySpace, ladders: tuple[np.ndarray, ...], scores: lis
 
 
 class SessionValue:
-    """The engine's value of a batch of ladder choices, with the forward passes timed."""
+    """The engine's value of a batch of ladder choices, with the forward passes timed and
+    their compute counted in block-tokens (tokens x transformer blocks run).
+
+    Causal LMs evaluate through `smpq.transformer.prefix.PrefixForward`: a policy starts
+    its forward at the first block whose upstream weights differ from every cached policy's
+    (the same numbers as a full forward; `cache_bytes` = 0 turns it off). `n_blocks` is the
+    fidelity: the value on the first n token blocks of the split (None: all of them), the
+    same KL (or NLL) definition; encoders: the first n text batches, full forwards."""
 
     def __init__(self, session: Any, ladders: tuple[np.ndarray, ...], split: str = "calib",
-                 metric: str = "neg_kl", planned: int = 0):
+                 metric: str = "neg_kl", planned: int = 0, name: str = NAME,
+                 cache_bytes: int = DEFAULT_CACHE_MB << 20):
+        from smpq.transformer.prefix import PrefixForward, transformer_blocks
+
         self.s, self.ladders, self.split, self.metric = session, ladders, split, metric
-        self.planned = planned
+        self.planned, self.name = planned, name  # name: the progress stage (the strategy's)
         self.keys = session.candidates.keys
         self.calls, self.seconds, self.pending = 0, 0.0, 0
-        self.seen: dict[tuple[int, ...], float] = {}  # ladder choice -> engine value
+        self.block_tokens, self.block_tokens_saved = 0, 0
+        self.n_layers = transformer_blocks(session.model)
+        self.lm = session.kind == "causal_lm"
+        self.runner = (PrefixForward(session.model, session.swapper.layers, cache_bytes)
+                       if self.lm else None)
+        self.seen: dict[tuple[int, ...], float] = {}  # ladder choice -> engine value (full)
+        self._refs: dict[int | None, Any] = {}  # encoders: reference per fidelity
 
     def assignment(self, levels: np.ndarray) -> dict[str, str]:
         return {n: self.keys[lad[k]] for g, lad, k in zip(self.s.groups, self.ladders, levels,
                                                           strict=True) for n in g}
 
-    def raw(self, levels: np.ndarray) -> float:
+    def _n(self, n_blocks: int | None) -> int | None:
+        """The checked fidelity (None: the whole split). LMs: token blocks; encoders: text
+        batches."""
+        if n_blocks is None:
+            return None
+        ref = self.s.refs[self.split]
+        total = len(ref.blocks) if self.lm else len(ref.inputs.batches)
+        if (isinstance(n_blocks, bool) or not isinstance(n_blocks, (int, np.integer))
+                or n_blocks < 1 or n_blocks > total):
+            raise SmpqError(f"n_blocks must be an integer in [1, {total}], got {n_blocks!r}")
+        return None if int(n_blocks) == total else int(n_blocks)
+
+    def _encoder_ref(self, n: int | None) -> Any:
+        """The encoder's reference cut to its first n text batches (cached)."""
+        if n not in self._refs:
+            self._refs[n] = _prefix_ref(self.s.refs[self.split], n)
+        return self._refs[n]
+
+    def full_block_tokens(self, n_blocks: int | None = None) -> int:
+        """The price in block-tokens of one full forward at that fidelity."""
+        n = self._n(n_blocks)
+        if self.lm:
+            blocks = self.s.refs[self.split].blocks
+            return int(blocks[:n].numel() if n is not None else blocks.numel()) * self.n_layers
+        return sum(int(b["input_ids"].numel()) for b in self._encoder_ref(n).inputs.batches
+                   ) * self.n_layers
+
+    def raw(self, levels: np.ndarray, n_blocks: int | None = None) -> float:
         """The value of one ladder choice on the split: the session's (-KL, or -(1 - cosine)
         for encoders) or, with neg_nll, minus the mean next-token NLL."""
-        self.s.swapper.set(self.assignment(levels))
-        start = time.perf_counter()
-        if self.metric == "neg_nll":
-            from smpq.transformer.values import nll
+        from smpq.transformer.prefix import split_value
 
-            v = -nll(self.s.model, self.s.refs[self.split].blocks, self.s.settings.batch_size)
-        else:
-            v = float(self.s.value(self.split))
+        assignment = self.assignment(levels)
+        self.s.swapper.set(assignment)
+        start = time.perf_counter()
+        if self.lm:
+            v, spent, saved = split_value(self.runner, self.s.refs[self.split], self.split,
+                                          assignment, n_blocks, self.metric)
+        elif n_blocks is None:
+            v, spent, saved = float(self.s.value(self.split)), self.full_block_tokens(), 0
+        else:  # an encoder on its first n text batches
+            from smpq.transformer.values import embedding_cosine
+
+            ref = self._encoder_ref(n_blocks)
+            v = -(1.0 - embedding_cosine(self.s.model, ref))
+            spent, saved = self.full_block_tokens(n_blocks), 0
         self.seconds += time.perf_counter() - start
+        self.block_tokens += spent
+        self.block_tokens_saved += saved
         self.calls += 1
         self.pending += 1
         # per evaluation (the engine reports per batch, and a screening batch takes minutes)
-        self.s.progress(NAME, min(len(self.seen) + self.pending, self.planned), self.planned)
+        self.s.progress(self.name, min(len(self.seen) + self.pending, self.planned),
+                        self.planned)
         return v
 
-    def __call__(self, choices: np.ndarray) -> np.ndarray:
+    def __call__(self, choices: np.ndarray, n_blocks: int | None = None) -> np.ndarray:
+        """Engine values (higher is better) of ladder choices, on the first `n_blocks`
+        token blocks of the split (None: all). Only full-fidelity values enter `seen`."""
+        n = self._n(n_blocks)
         self.pending = 0
-        raw = [self.raw(c) for c in choices]
+        raw = [self.raw(c, n) for c in choices]
         out = np.array(raw if self.metric == "neg_nll" else
                        [-math.log(max(-v, 0.0) + 1e-9) for v in raw])
         self.pending = 0
-        self.seen.update({tuple(int(x) for x in c): float(v) for c, v in zip(choices, out,
-                                                                             strict=True)})
+        if n is None:
+            self.seen.update({tuple(int(x) for x in c): float(v)
+                              for c, v in zip(choices, out, strict=True)})
         return out
+
+    def cost(self) -> dict[str, Any]:
+        """The block-tokens of this value's evaluations, for a strategy's cost dict
+        (`block_tokens` is the strategy's total: it adds its scores' to it;
+        prefix_reuse_saving = the fraction of the evaluations' full price reuse saved)."""
+        spent, saved = self.block_tokens, self.block_tokens_saved
+        return {"block_tokens": spent, "evaluation_block_tokens": spent,
+                "block_tokens_saved": saved,
+                "prefix_reuse_saving": saved / (spent + saved) if spent + saved else 0.0,
+                "prefix_reuse": bool(self.runner is not None and self.runner.supported
+                                     and self.runner.cache.max_bytes > 0)}
 
     def load(self, checkpoint: Path | None) -> None:
         """Values a resumed search evaluated before the kill (for the log only)."""
@@ -220,6 +291,47 @@ class SessionValue:
                                                                  strict=True)})
         except (OSError, ValueError, KeyError, TypeError):
             return  # run_engine reports an unreadable checkpoint
+
+
+def _prefix_ref(ref: Any, n_blocks: int | None) -> Any:
+    """A float reference cut to its first `n_blocks` blocks (LMs: token blocks; encoders:
+    text batches); None, or more than there are, = the whole reference."""
+    from dataclasses import replace
+
+    from smpq.transformer.values import EncodedTexts, FloatReference
+
+    if n_blocks is None:
+        return ref
+    if int(n_blocks) < 1:
+        raise SmpqError(f"n_blocks must be >= 1, got {n_blocks}")
+    if isinstance(ref, FloatReference):
+        if n_blocks >= len(ref.blocks):
+            return ref
+        return replace(ref, blocks=ref.blocks[:n_blocks], logp=ref.logp[:n_blocks],
+                       index=None if ref.index is None else ref.index[:n_blocks])
+    batches = ref.inputs.batches
+    if n_blocks >= len(batches):
+        return ref
+    m = sum(len(b["input_ids"]) for b in batches[:n_blocks])
+    rows = ref.inputs.order[:m]  # original text index of each kept row, in batch order
+    import torch
+
+    enc = EncodedTexts(batches=batches[:n_blocks], order=torch.arange(m), n=m)
+    return replace(ref, inputs=enc, embeddings=ref.embeddings[rows])
+
+
+def prefix_cache_bytes(p: SearchProblem, name: str) -> int:
+    """The prefix-reuse cache size in bytes the options ask for (0: reuse off), checked:
+    `prefix_reuse` (true, the default, or false) and `prefix_cache_mb` (>= 0, default
+    DEFAULT_CACHE_MB)."""
+    on = p.options.get("prefix_reuse", True)
+    if not isinstance(on, bool):
+        raise SmpqError(f"prefix_reuse of {name} must be true or false, got {on!r}")
+    mb = p.options.get("prefix_cache_mb", DEFAULT_CACHE_MB)
+    if (isinstance(mb, bool) or not isinstance(mb, (int, float)) or not math.isfinite(mb)
+            or mb < 0):
+        raise SmpqError(f"prefix_cache_mb of {name} must be a number >= 0, got {mb!r}")
+    return int(mb * (1 << 20)) if on else 0
 
 
 def value_options(p: SearchProblem, name: str) -> tuple[str, str]:
@@ -254,6 +366,7 @@ def shapley_loop(p: SearchProblem) -> StrategyResult:
                        screen_fraction=float(o.get("screen_fraction", 0.3)),
                        patience=int(o.get("patience", 20)))
     split, metric = value_options(p, NAME)
+    cache_bytes = prefix_cache_bytes(p, NAME)
     space.check_feasible()
     need = min_evaluations(space, cfg)
     if cfg.evaluations < need:  # before the priors spend anything
@@ -276,7 +389,7 @@ def shapley_loop(p: SearchProblem) -> StrategyResult:
     ranks = [{int(c): k for k, c in enumerate(lad)} for lad in ladders]  # candidate -> level
     initial = np.array([[r[c] for r, c in zip(ranks, choice, strict=True)]
                         for _, choice in priors], dtype=np.int64)
-    value = SessionValue(s, ladders, split, metric, cfg.evaluations)
+    value = SessionValue(s, ladders, split, metric, cfg.evaluations, cache_bytes=cache_bytes)
     if resume:
         value.load(ckpt)
     outer = o.get("progress")
@@ -293,7 +406,8 @@ def shapley_loop(p: SearchProblem) -> StrategyResult:
             "backward_passes": prior_cost["backward_passes"],
             "forward_seconds": value.seconds, "evaluations": res.evaluations,
             "prior_seconds": prior_cost["seconds"], "stopped": res.stopped,
-            "value_split": split, "metric": metric}
+            "value_split": split, "metric": metric, **value.cost()}
+    cost["block_tokens"] += int(prior_cost.get("block_tokens", 0))  # the priors' scores
     policy = choice_policy(s.groups, s.specs, choice, meta={
         "method": NAME, "backend": s.backend, "budget": str(p.budget), "model": s.model_name,
         "candidates": [spec_key(x) for x in s.specs], "seed": p.seed})

@@ -34,7 +34,10 @@ from typing import Any
 from smpq.errors import SmpqError
 from smpq.spec import Granularity, QuantSpec
 
-__all__ = ["AUTOSCHEME_INSTALL", "autoscheme_allocation", "autoscheme_options"]
+__all__ = ["AUTOSCHEME_INSTALL", "PEER_METHODS", "autoscheme_allocation", "autoscheme_options",
+           "autoscheme_strategy", "check_autoscheme"]
+
+PEER_METHODS = ("autoscheme",)  # `smpq ptq --method` names run by `autoscheme_strategy`
 
 AUTOSCHEME_INSTALL = ("pip install --no-deps auto-round==0.16.1 && "
                       "pip install accelerate datasets py-cpuinfo")
@@ -121,3 +124,42 @@ def autoscheme_allocation(session: Any, avg_bits: list[float], *, batch_size: in
                                 "candidate")
             out[target][name] = by_bits[bits]
     return out, {"seconds": seconds, "forward_passes": None, "backward_passes": None}
+
+
+def check_autoscheme(budget: Any, candidates: Any) -> float:
+    """The avg_bits target of `smpq ptq --method autoscheme`, checked before the model loads:
+    auto-round installed (scripts/install_peers.sh), a budget of one avg_bits limit, integer
+    group candidates of distinct bit widths."""
+    import importlib.util
+
+    from smpq.transformer.mixed import parse_candidates
+
+    if importlib.util.find_spec("auto_round") is None:
+        raise SmpqError("--method autoscheme needs Intel's auto-round: run "
+                        "scripts/install_peers.sh once")
+    cons = list(budget.constraints)
+    if len(cons) != 1 or cons[0].metric != "avg_bits" or cons[0].reference is not None:
+        raise SmpqError(f"AutoScheme solves one avg_bits target (e.g. avg_bits=3), not {budget}")
+    autoscheme_options(parse_candidates(candidates))
+    return float(cons[0].value)
+
+
+def autoscheme_strategy(p: Any) -> Any:
+    """A transformer strategy (SearchProblem -> StrategyResult) around AutoScheme: its
+    per-layer allocation (share groups not respected: it decides each layer alone) in
+    `info["assignment"]`, its cost in `info["search_cost"]`."""
+    from smpq.policy import Policy
+    from smpq.spec import LayerChoice
+    from smpq.strategy import StrategyResult
+    from smpq.transformer.mixed import spec_key
+
+    s = p.model
+    target = check_autoscheme(p.budget, [spec_key(x) for x in s.specs])
+    found, cost = autoscheme_allocation(s, [target])
+    assignment = found[target]
+    by_key = {spec_key(x): x for x in s.specs}
+    policy = Policy({n: LayerChoice(by_key[k], None) for n, k in assignment.items()}, meta={
+        "method": "autoscheme", "backend": s.backend, "budget": str(p.budget),
+        "model": s.model_name, "candidates": list(by_key), "seed": p.seed})
+    return StrategyResult("autoscheme", policy, float(cost["seconds"]), 0, 0.0,
+                          {"search_cost": cost, "assignment": assignment})

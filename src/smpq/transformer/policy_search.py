@@ -1,6 +1,6 @@
-"""Two plain searches over whole policies, the peers `shapley-loop` must beat at equal budgets.
+"""Plain searches over whole policies, the peers `shapley-loop` must beat at equal budgets.
 
-Both spend the same evaluations on the same value as `shapley-loop` (`n_evaluations`,
+All spend the same evaluations on the same value as `shapley-loop` (`n_evaluations`,
 `value_split`, `metric` options; one evaluation = one weight swap and one forward pass over
 the value split) and keep the best feasible policy they evaluated:
 
@@ -14,6 +14,16 @@ the value split) and keep the best feasible policy they evaluated:
 |        | kept, and the move list is drawn again; without any equal-size partner, any       |
 |        | feasible partner                                                                  |
 
+| evopress | EvoPress (`smpq.engine.evopress`): an elitist evolution from the uniform   |
+|        | policy by level switches, offspring ranked on the first token blocks of the     |
+|        | split and the best re-ranked on more, the last stage on all of them            |
+
+evopress's options: n_evaluations (full-evaluation equivalents: its block-token cap is
+n_evaluations x one full evaluation's block-tokens, the compute random and local spend) or
+block_tokens (the cap itself; with both, the smaller), offspring (16), stages ((n_blocks,
+survivors) pairs, the last (None, 1); stages at or above the split's block count merge
+into the full one), generations (no cap by default).
+
 The local search is simple and, once evaluations are spent, hard to beat: its start is the
 cheap score's answer, and every step is measured. Its Fisher scoring time counts in its cost.
 """
@@ -25,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from smpq.engine.evopress import EvoConfig, evopress
 from smpq.engine.space import PolicySpace
 from smpq.errors import SmpqError
 from smpq.strategy import SearchProblem, StrategyResult, register
@@ -32,11 +43,12 @@ from smpq.transformer.engine_strategy import (
     DEFAULT_EVALUATIONS,
     SessionValue,
     policy_space,
+    prefix_cache_bytes,
     unit_ladders,
     value_options,
 )
 
-__all__ = ["local_moves", "local_search", "random_search"]
+__all__ = ["evopress_search", "local_moves", "local_search", "random_search"]
 
 
 def _setup(p: SearchProblem, name: str
@@ -52,12 +64,14 @@ def _setup(p: SearchProblem, name: str
     space, order = policy_space(s, p.budget, resolved)
     space.check_feasible()
     ladders = unit_ladders(s, order)  # per group: level -> candidate index
-    return s, space, ladders, SessionValue(s, ladders, split, metric, n), n
+    cache_bytes = prefix_cache_bytes(p, name)
+    return s, space, ladders, SessionValue(s, ladders, split, metric, n, name, cache_bytes), n
 
 
 def _result(name: str, p: SearchProblem, s: Any, ladders: tuple[np.ndarray, ...],
             levels: np.ndarray,
-            value: SessionValue, start: float, extra: dict, curve: list[float]) -> StrategyResult:
+            value: SessionValue, start: float, extra: dict, curve: list[float],
+            more: dict | None = None) -> StrategyResult:
     from smpq.transformer.mixed import choice_policy, spec_key
     from smpq.transformer.strategies import Allocated
 
@@ -66,7 +80,8 @@ def _result(name: str, p: SearchProblem, s: Any, ladders: tuple[np.ndarray, ...]
             "forward_passes": value.calls + extra.get("forward_passes", 0),
             "backward_passes": extra.get("backward_passes", 0),
             "forward_seconds": value.seconds, "evaluations": value.calls,
-            "prior_seconds": extra.get("seconds", 0.0)}
+            "prior_seconds": extra.get("seconds", 0.0), **value.cost(), **(more or {})}
+    cost["block_tokens"] += int(extra.get("block_tokens", 0))  # the start's scores
     policy = choice_policy(s.groups, s.specs, choice, meta={
         "method": name, "backend": s.backend, "budget": str(p.budget), "model": s.model_name,
         "candidates": [spec_key(x) for x in s.specs], "seed": p.seed})
@@ -173,3 +188,47 @@ def local_search(p: SearchProblem) -> StrategyResult:
         s.swapper.restore()
     return _result("local", p, s, ladders, cur, value, start, fisher.detail.cost,
                    _curve(vals))
+
+
+def _evo_config(p: SearchProblem, value: SessionValue, n: int) -> EvoConfig:
+    """EvoPress's settings from the options, stages fitted to the split's block count."""
+    o = p.options
+    full = value.full_block_tokens(None)
+    ref = p.model.refs[value.split]
+    n_total = len(ref.blocks) if hasattr(ref, "blocks") else len(ref.inputs.batches)
+    try:
+        cap = n * full
+        if "block_tokens" in o:
+            given = int(o["block_tokens"])
+            cap = min(given, cap) if "n_evaluations" in o else given
+        if cap < full:
+            raise SmpqError(f"evopress's block-token cap {cap} is below one full evaluation "
+                            f"({full} block-tokens)")
+        stages = [(None if b in (None, "full") else int(b), int(k))
+                  for b, k in o.get("stages", EvoConfig.stages)]
+        gens = o.get("generations")
+        EvoConfig(stages=tuple(stages), generations=1)  # as given, before the fit
+        return EvoConfig(offspring=int(o.get("offspring", EvoConfig.offspring)),
+                         stages=tuple((b, k) for b, k in stages if b is None or b < n_total),
+                         block_tokens=cap, seed=p.seed,
+                         generations=None if gens is None else int(gens))
+    except (TypeError, ValueError) as err:
+        raise SmpqError(f"bad evopress option: {err}".splitlines()[0]) from None
+
+
+@register("evopress", kind="transformer")
+def evopress_search(p: SearchProblem) -> StrategyResult:
+    """EvoPress's evolutionary search on the session's value (module docstring)."""
+    s, space, ladders, value, n = _setup(p, "evopress")
+    cfg = _evo_config(p, value, n)
+    start = time.perf_counter()
+    try:
+        res = evopress(space, value, cfg)
+    finally:
+        s.swapper.restore()
+    more = {"counts": res.counts, "generations": res.generations, "stopped": res.stopped}
+    out = _result("evopress", p, s, ladders, res.levels, value, start, {},
+                  _curve(res.history), more)
+    out.info["evopress"] = {"value": res.value, "curve": [list(c) for c in res.curve],
+                            "config": cfg.to_dict(), **more}
+    return out

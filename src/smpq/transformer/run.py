@@ -87,6 +87,8 @@ log = logging.getLogger(__name__)
 ALL_METHODS = strategy.names("transformer")  # registered in smpq.transformer.strategies
 DEFAULT_METHOD = "shapley-loop"  # smpq.transformer.engine_strategy, registered first
 STATS_BACKENDS = ("gptq", "awq_rtn", "awq_gptq")
+# methods whose value evaluations go through an smpq.evaluator (ptq --workers/--ray-address)
+SCALED_METHODS = ("shapley", "shapley_pairwise", "shapley_literal")
 # Causal-LM text: "auto" = the Wikipedia excerpt for models with a subword tokenizer when
 # gensim's test data is installed, else the stdlib split (byte-level models: always stdlib).
 TEXT_SOURCES = ("auto", "wikipedia", "stdlib")
@@ -206,7 +208,7 @@ class PTQSession:
         if self.candidates is None:
             needs = self.backend in STATS_BACKENDS  # RTN reads no Hessians: none collected
             # a layer's statistics depend on the calibration data and every weight upstream
-            context = f"{self.calib_digest}:{_model_digest(self.model)}" if needs else ""
+            context = f"{self.calib_digest}:{self.model_digest}" if needs else ""
             cache = Path(self.settings.cache_dir) / "candidates"  # shared, content-keyed
             had_stats = self._stats is not None
             per_layer = {n: ks for g, ks in zip(self.groups, self.allowed, strict=True)
@@ -221,7 +223,8 @@ class PTQSession:
             self.candidate_cost = {"seconds": own + (self.stats_seconds if used else 0.0),
                                    "quantize_seconds": own, "built": c.built,
                                    "loaded": c.loaded, **(self._stats_cost() if used else {})}
-            self.swapper = WeightSwapper(self.model, self.candidates.weights)
+            # read from the candidate cache while swapped in: n_candidates x model never in RAM
+            self.swapper = WeightSwapper(self.model, self.candidates.loaders())
         return self
 
     def resolve(self, budget: Budget) -> ResolvedBudget:
@@ -239,21 +242,22 @@ class PTQSession:
 
     # -- data and values ----------------------------------------------------------------
     def _data(self) -> None:
-        from smpq.transformer import values
         from smpq.transformer.data import docstring_pairs
+        from smpq.transformer.refcache import encoder_references, lm_references
 
         s, m, bs = self.settings, self.model, self.settings.batch_size
+        self.model_digest = _model_digest(m)  # keys the reference and statistics caches
         if self.kind == "causal_lm":
             blocks, self.data_info = _lm_blocks(self.tokenizer, s)
             self.calib = blocks["calibration"]
             self.calib_batches = list(self.calib.split(bs))
             self.grad_batches = list(self.calib.split(1))
-            self.refs = {}
-            todo = (("calib", self.calib), ("val", blocks["validation"]), ("test", blocks["test"]))
-            for i, (k, b) in enumerate(todo):  # weighted by tokens would be finer; 3 steps do
-                self.progress("float references", i, len(todo))
-                self.refs[k] = values.float_reference(m, b, batch_size=bs)
-            self.progress("float references", len(todo), len(todo))
+            # cached with the candidates (smpq.transformer.refcache): a second run, whatever
+            # its method or output folder, runs no float forward
+            self.refs, self.references_computed = lm_references(
+                m, {"calib": self.calib, "val": blocks["validation"], "test": blocks["test"]},
+                bs, s.cache_dir, self.model_digest, self.progress)
+            self.references_total = len(self.refs)
             self.test_blocks = blocks["test"]
             self.forward_fn = lambda model, b: model(input_ids=b, use_cache=False)
             self.loss_fn = lm_loss
@@ -262,9 +266,10 @@ class PTQSession:
         tasks = {k: docstring_pairs(split, n) for k, split, n in (
             ("calib", "calibration", s.calib_pairs), ("val", "validation", s.val_pairs),
             ("test", "test", s.test_pairs))}
-        self.refs = {k: values.encoder_reference(m, self.tokenizer, t.texts, s.max_length)
-                     for k, t in tasks.items()}
-        self.retrieval = values.retrieval_reference(m, self.tokenizer, tasks["test"], s.max_length)
+        self.refs, self.retrieval, self.references_computed = encoder_references(
+            m, self.tokenizer, tasks, s.max_length, s.cache_dir, self.model_digest,
+            self.progress)
+        self.references_total = len(self.refs) + 2  # + the test queries and documents
         self.calib_batches = list(self.refs["calib"].inputs.batches)
         self.grad_batches = _encode_pairs(self.tokenizer, tasks["calib"], bs, s.max_length)
         self.forward_fn = lambda model, b: model(**b)
@@ -362,7 +367,8 @@ class PTQSession:
             if game.batch is not None:
                 game.batch.close()
         cost = {"seconds": time.perf_counter() - start, "forward_passes": game.forward_passes,
-                "backward_passes": 0, "mask_evaluations": result.evaluations,
+                "backward_passes": 0, "block_tokens": game.forward_passes * self._sweep(),
+                "mask_evaluations": result.evaluations,
                 "permutations": result.permutations, "stop_reason": result.stop_reason}
         return result, game, cost
 
@@ -378,15 +384,31 @@ class PTQSession:
             extra, shared = self.stats_seconds, self._stats_cost()
         if method in ("fisher", "gradxdw"):  # gradients: recomputed per method, its own
             start = time.perf_counter()
-            moments, n_grad = gradient_moments(self.model, self.linears, self.grad_batches,
-                                               self.loss_fn)
+            moments, n_grad = gradient_moments(  # only the moment it reads (float32 copy)
+                self.model, self.linears, self.grad_batches, self.loss_fn,
+                keys=("grad_sq",) if method == "fisher" else ("grad",))
             extra = time.perf_counter() - start
         res = baseline_scores(method, self.linears, self.groups, self.candidates, stats=stats,
                               moments=moments, n_grad_batches=n_grad)
+        # block-tokens: a backward counts as two forwards; the stats pass is one sweep
+        grad = self._sweep(self.grad_batches) * 3 if method in ("fisher", "gradxdw") else 0
+        if moments is not None:  # a float32 copy of the weights, freed: give it back
+            from smpq.memory import release_free_memory
+
+            del moments
+            release_free_memory()
         cost = {"seconds": res.seconds + extra, "score_seconds": res.seconds,
                 "forward_passes": res.forward_passes,
-                "backward_passes": res.backward_passes, **shared}
+                "backward_passes": res.backward_passes,
+                "block_tokens": grad or (self._sweep() if stats is not None else 0), **shared}
         return res.scores, res.errors, cost
+
+    def _sweep(self, batches: Any = None) -> int:
+        """Block-tokens of one forward over `batches` (default: the calibration batches)."""
+        from smpq.transformer.prefix import batch_tokens, transformer_blocks
+
+        batches = self.calib_batches if batches is None else batches
+        return sum(batch_tokens(b) for b in batches) * transformer_blocks(self.model)
 
     # -- allocation and evaluation ---------------------------------------------------------
     def budget_costs(self, budget: Budget, resolved: ResolvedBudget | None = None
@@ -406,29 +428,36 @@ class PTQSession:
             "resolved": resolved})
         return strategy.get(method, "transformer")(problem).detail.allocation
 
-    def evaluate(self, choice: tuple[int, ...]) -> dict[str, float]:
+    def evaluate(self, choice: tuple[int, ...], stage: str | None = None) -> dict[str, float]:
         """Validation (search objective) and test metrics of one group choice."""
-        return self.evaluate_layers(self.assignment(choice))
+        return self.evaluate_layers(self.assignment(choice), stage)
 
     def assignment(self, choice: tuple[int, ...]) -> dict[str, str]:
         """{layer: candidate key} of a group choice (every member of a group alike)."""
         keys = self.candidates.keys
         return {n: keys[k] for g, k in zip(self.groups, choice, strict=True) for n in g}
 
-    def evaluate_layers(self, assignment: Mapping[str, str]) -> dict[str, float]:
+    def evaluate_layers(self, assignment: Mapping[str, str], stage: str | None = None
+                        ) -> dict[str, float]:
         """`evaluate` for a per-layer assignment {layer: candidate key} (e.g. a peer's
-        allocation that ignores the share groups)."""
+        allocation that ignores the share groups). `stage`: report each forward to
+        `progress` under that name (validation, then test: causal LMs read KL and
+        perplexity off one test forward)."""
         from smpq.transformer import values
 
+        tick = ((lambda done: self.progress(stage, done, 2)) if stage is not None
+                else (lambda done: None))
         with self.swapper.applied(dict(assignment)):
+            tick(0)
             out = {"val_value": self.value("val")}
+            tick(1)
             if self.kind == "causal_lm":
-                out["test_kl"] = -self.value("test")
-                out["test_perplexity"] = values.perplexity(self.model, self.test_blocks,
-                                                           self.settings.batch_size)
+                kl, nll = values.kl_and_nll(self.model, self.refs["test"])
+                out["test_kl"], out["test_perplexity"] = kl, math.exp(nll)
             else:
                 out["test_cosine"] = 1.0 + self.value("test")
                 out.update(values.retrieval_report(self.model, self.retrieval, self._k))
+            tick(2)
         return out
 
     def float_metrics(self) -> dict[str, float]:
@@ -466,6 +495,31 @@ def _contributions(session: PTQSession, choice: tuple[int, ...], scores: Any,
     return out
 
 
+def binding_limits(session: PTQSession, choice: tuple[int, ...], budget: Budget,
+                   resolved: ResolvedBudget, per_layer: bool = False) -> list[str]:
+    """The limits the final policy has used up, the same test for every method: a limit
+    binds when no single share group (`per_layer`: layer, for a peer's per-layer `choice`)
+    can move to a candidate that costs more under it without breaking it (MILP methods also
+    report their own `allocator_binding`)."""
+    from smpq.alloc.problem import fits
+
+    groups, allowed = session.groups, session.allowed
+    if per_layer:
+        allowed = [a for g, a in zip(groups, allowed, strict=True) for _ in g]
+        groups = [[n] for g in groups for n in g]
+    costs = group_costs(session.cost, groups, session.specs)
+    _, limits, scales = session.budget_costs(budget, resolved)
+    out = []
+    for m, limit in limits.items():
+        rows = [np.asarray(r, float) for r in costs[m]]
+        total = sum(r[c] for r, c in zip(rows, choice, strict=True))
+        steps = [r[k] - r[c] for r, c, ks in zip(rows, choice, allowed, strict=True)
+                 for k in ks if r[k] > r[c]]
+        if steps and not fits(total + min(steps), float(limit), float(scales.get(m, 0.0))):
+            out.append(m)
+    return out
+
+
 def _num(x: float) -> float | None:
     return float(x) if math.isfinite(float(x)) else None
 
@@ -492,6 +546,9 @@ def _write_model(session: PTQSession, out: Path, policy: Any) -> str | None:
                     session.candidates.weights[name][key], choice.weight, ex["scale"],
                     ex.get("zero_point"))
         session.swapper.restore()
+        from smpq.memory import release_free_memory
+
+        release_free_memory()  # the candidates just swapped out, before the packed copy
         save_quantized(out, session.model, policy, qweights)
     arch = {"llama": "llama", "bert": "bert"}.get(session.arch)
     if arch in GGUF_NAME_MAPS:
@@ -517,26 +574,47 @@ def run_ptq(model: str, budget: str | Budget, backend: str = "rtn",
             method: str = DEFAULT_METHOD, out: str | Path = "runs/ptq",
             candidates: str | list = DEFAULT_CANDIDATES, seed: int = 0, resume: bool = False,
             progress: Progress | None = None, settings: RunSettings = RunSettings(),
-            options: Mapping[str, Any] | None = None, export: str | None = None) -> dict:
+            options: Mapping[str, Any] | None = None, export: str | None = None,
+            scale: Any = None) -> dict:
     """Allocate formats for `model` ("tiny-lm", "minilm" or a local HF folder) under
     `budget` (e.g. "avg_bits=3.5"), evaluate, write the files; returns the summary.
 
     `options`: extra strategy options (shapley-loop: n_evaluations, top_k, priors).
-    `export="gguf"`: also quantize with llama.cpp (smpq.export.llamacpp), checked first."""
-    find = strategy.get(method, "transformer")
+    `export="gguf"`: also quantize with llama.cpp (smpq.export.llamacpp), checked first.
+    `scale`: where value evaluations run (an `smpq.evaluator.EvaluatorConfig`); only the
+    Shapley game methods (`SCALED_METHODS`) batch them out so far, others refuse it."""
+    from smpq.transformer.peers import PEER_METHODS, autoscheme_strategy, check_autoscheme
+
     budget = Budget.parse(budget) if isinstance(budget, str) else budget
+    if method in PEER_METHODS:  # another tool's allocator; its package checked before loading
+        check_autoscheme(budget, candidates)
+        find = autoscheme_strategy
+    else:
+        find = strategy.get(method, "transformer")
+    check_scale(method, scale)
     if export is not None:  # before the output folder is claimed: nothing written
         _check_export(export, model, candidates, settings.cache_dir)
     with output_dir(out, keep=("shapley_state.json", *ENGINE_STATE_FILES)) as stage:
         _check_budget_early(model, budget, candidates)
         return _run_ptq(model, budget, backend, method, Path(out), stage, candidates, seed,
-                        resume, progress, settings, find, options, export)
+                        resume, progress, settings, find, options, export, scale)
+
+
+def check_scale(method: str, scale: Any) -> None:
+    """One line for a method that cannot send its value evaluations elsewhere yet."""
+    from smpq.evaluator import EvaluatorConfig
+
+    if scale is None or scale == EvaluatorConfig() or method in SCALED_METHODS:
+        return
+    raise SmpqError(f"--workers/--ray-address apply to {', '.join(SCALED_METHODS)} (the "
+                    f"Shapley game's batches) for now; {method} evaluates in this process")
 
 
 def _run_ptq(model: str, budget: Budget, backend: str, method: str, out: Path, stage: Path,
              candidates: str | list, seed: int, resume: bool, progress: Progress | None,
              settings: RunSettings, find: Callable,
-             options: Mapping[str, Any] | None = None, export: str | None = None) -> dict:
+             options: Mapping[str, Any] | None = None, export: str | None = None,
+             scale: Any = None) -> dict:
     """run_ptq inside its claimed folder: caches and sampler state in `out`, files in
     `stage`."""
     config = replace(settings.shapley, seed=seed)
@@ -562,20 +640,22 @@ def _run_ptq(model: str, budget: Budget, backend: str, method: str, out: Path, s
 
         if not read_text_documents(settings.calib_text):  # missing or empty: before loading
             raise SmpqError(f"calibration text {settings.calib_text} is empty")
-    session = PTQSession(model, backend, candidates, settings, out, progress, budget)
+    session = PTQSession(model, backend, candidates, settings, out, progress, budget, scale)
     resolved = session.resolve(budget)
     limits = resolved.limits
     session.prepare()
-    session.progress("score", 0, 1)
+    session.progress(method, 0, 1)  # the search or scoring, under its own name
     found = find(SearchProblem(session, session.cost, budget, session.specs, seed=seed, options={
         **dict(options or {}), "config": config, "state_path": out / "shapley_state.json",
         "resume": resume, "resolved": resolved, "out": out}))
+    policy = found.policy
+    if "assignment" in found.info:  # a peer's per-layer allocation (share groups ignored)
+        return _finish_peer(session, found, model, budget, backend, method, stage, seed,
+                            export, settings, start, resolved)
     d = found.detail
     alloc, choice, scores, result, errors, score_cost = (
         d.allocation, d.choice, d.scores, d.shapley, d.errors, d.cost)
-    policy = found.policy
-    session.progress("evaluate", 0, 1)
-    metrics = session.evaluate(choice)
+    metrics = session.evaluate(choice, stage="evaluate")
     session.progress("write", 0, 1)
     note = _write_model(session, stage, policy)
     gguf = None
@@ -595,18 +675,73 @@ def _run_ptq(model: str, budget: Budget, backend: str, method: str, out: Path, s
         "choice": {spec_key(session.specs[k]): int(sum(1 for c in choice if c == k))
                    for k in range(len(session.specs))},
         "budget_check": budget.check(session.cost, policy),
-        "binding": list(alloc.binding) if isinstance(alloc, Allocation) else [],
+        "binding": binding_limits(session, choice, budget, resolved),
+        "allocator_binding": list(alloc.binding) if isinstance(alloc, Allocation) else None,
         "metrics": metrics, "float": session.float_metrics(), "search_cost": score_cost,
+        "block_tokens": score_cost.get("block_tokens"),  # the allocation's compute
         "candidates_built": session.candidates.built,
         "candidates_loaded": session.candidates.loaded,
         "candidate_cost": session.candidate_cost, "checkpoint_note": note,
+        "references": {"computed": session.references_computed,
+                       "cached": session.references_total - session.references_computed},
         "seconds": time.perf_counter() - start, "limits": limits, "data": session.data_info,
+        # the float perplexity depends on the test text's size: reports state it
+        "test_size": (list(session.test_blocks.shape) if session.kind == "causal_lm"
+                      else None),  # [blocks, tokens per block]
         "shapley": config.to_dict() if result is not None else None,
+        **_memory(session.model),
     }
     if gguf is not None:
         summary["gguf"] = gguf
     atomic_write_text(stage / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
     return summary
+
+
+def _finish_peer(session: PTQSession, found: Any, model: str, budget: Budget, backend: str,
+                 method: str, stage: Path, seed: int, export: str | None,
+                 settings: RunSettings, start: float, resolved: ResolvedBudget) -> dict:
+    """`_run_ptq`'s end for a peer's per-layer allocation (`found.info["assignment"]`):
+    evaluated and written as a shapley-loop result is, counted per layer."""
+    assignment, policy = found.info["assignment"], found.policy
+    keys = list(session.candidates.keys)
+    metrics = session.evaluate_layers(assignment, stage="evaluate")
+    session.progress("write", 0, 1)
+    note = _write_model(session, stage, policy)
+    if export == "gguf":
+        raise SmpqError(f"--export gguf is not available with --method {method}")
+    layers = [n for g in session.groups for n in g]
+    choice = tuple(keys.index(assignment[n]) for n in layers)
+    atomic_write_text(stage / "contributions.json", json.dumps(
+        {"candidates": keys, "method": method, "layers": dict(assignment)}, indent=1) + "\n")
+    summary = {
+        "model": model, "kind": session.kind, "method": method, "backend": backend,
+        "budget": str(budget), "seed": seed, "candidates": keys,
+        "groups": len(session.groups), "layers": len(session.linears), "per_layer": True,
+        "choice": {k: sum(1 for c in choice if keys[c] == k) for k in keys},
+        "budget_check": budget.check(session.cost, policy),
+        "binding": binding_limits(session, choice, budget, resolved, per_layer=True),
+        "allocator_binding": None, "metrics": metrics, "float": session.float_metrics(),
+        "search_cost": found.info["search_cost"],
+        "candidates_built": session.candidates.built,
+        "candidates_loaded": session.candidates.loaded,
+        "candidate_cost": session.candidate_cost, "checkpoint_note": note,
+        "references": {"computed": session.references_computed,
+                       "cached": session.references_total - session.references_computed},
+        "seconds": time.perf_counter() - start, "limits": resolved.limits,
+        "data": session.data_info,
+        "test_size": (list(session.test_blocks.shape) if session.kind == "causal_lm"
+                      else None), "shapley": None}
+    atomic_write_text(stage / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
+    return summary
+
+
+def _memory(model: torch.nn.Module) -> dict[str, Any]:
+    """Peak RSS of the process so far, the float parameters' bytes and their ratio."""
+    from smpq.memory import model_bytes, peak_rss_bytes
+
+    peak, size = peak_rss_bytes(), model_bytes(model)
+    return {"peak_rss_bytes": peak, "model_bytes": size,
+            "peak_rss_over_model": peak / size if size else None}
 
 
 def ptq_command(model: str = "tiny-lm", budget: str = "avg_bits=3", backend: str = "rtn",
@@ -616,7 +751,7 @@ def ptq_command(model: str = "tiny-lm", budget: str = "avg_bits=3", backend: str
                 value: str | None = None, value_split: str | None = None,
                 calib_text: str | None = None, calib_tokens: int | None = None,
                 cache_dir: str | None = None, progress: Progress | None = None,
-                export: str | None = None) -> str:
+                export: str | None = None, scale: Any = None) -> str:
     """`smpq ptq`: run_ptq with plain arguments; returns a short report for the terminal."""
     base = RunSettings()
     settings = replace(base, calib_text=calib_text, calib_tokens=calib_tokens,
@@ -625,19 +760,25 @@ def ptq_command(model: str = "tiny-lm", budget: str = "avg_bits=3", backend: str
                                  ("metric", value), ("value_split", value_split))
                if v is not None}
     s = run_ptq(model, budget, backend, method, out, candidates, seed, resume, progress,
-                settings, options, export)
+                settings, options, export, scale)
     m = s["metrics"]
+    size = "x".join(map(str, s.get("test_size") or ()))
     main = (f"test perplexity {m['test_perplexity']:.4f} (float {s['float']['test_perplexity']:.4f}"
-            f"), test KL {m['test_kl']:.5f}" if s["kind"] == "causal_lm" else
+            f"; test text {size} tokens), test KL {m['test_kl']:.5f}"
+            if s["kind"] == "causal_lm" else
             f"test cosine {m['test_cosine']:.5f}, retrieval spearman {m['spearman']:.4f}")
     cost = s["search_cost"]
     lines = [f"note: {s['data']['note']}"] if s["data"].get("note") else []
     return "\n".join([*lines,
         f"{s['method']} / {s['backend']} under {s['budget']}: {main}",
         f"text: {s['data']['text']} (calibration: {s['data']['calibration']})",
-        "formats: " + ", ".join(f"{k} x{v}" for k, v in s["choice"].items()),
+        (f"formats of {s['layers']} layers (per layer, share groups not kept): "
+         if s.get("per_layer") else
+         f"formats of {s['groups']} share groups ({s['layers']} layers): ")
+        + ", ".join(f"{k} x{v}" for k, v in s["choice"].items()),
         f"binding: {', '.join(s['binding']) or 'none'}; search {cost['seconds']:.1f}"
-        f" s, {cost['forward_passes']} forward passes"
+        f" s" + (f", {cost['forward_passes']} forward passes" if cost.get("forward_passes")
+                 is not None else "")
         + (f" ({cost['evaluations']} policies evaluated)" if "evaluations" in cost else ""),
         f"wrote {Path(out) / 'policy.json'}, summary.json, contributions.json",
         *([_gguf_line(s["gguf"])] if "gguf" in s else [])])

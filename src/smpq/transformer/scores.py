@@ -39,7 +39,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,9 +56,9 @@ from smpq.spec import FLOAT_FORMATS, Granularity, QuantSpec
 
 __all__ = [
     "CONTRASTIVE_SCALE", "DEFAULT_CANDIDATES", "GGUF_CANDIDATES", "LAYER_ERRORS", "METHODS",
-    "Candidates", "ScoreResult", "allowed_choices",
+    "CachedLayer", "Candidates", "ScoreResult", "allowed_choices",
     "baseline_scores", "build_candidates", "candidate_key", "candidate_path", "contrastive_loss",
-    "gradient_moments",
+    "MOMENTS", "gradient_moments",
     "group_scores", "hessian_errors", "layer_errors", "lm_loss", "parse_candidates",
     "spec_key", "weight_digest",
 ]
@@ -143,14 +143,86 @@ def allowed_choices(linears: Mapping[str, nn.Module], groups: Sequence[Sequence[
     return tuple(out)
 
 
+class CachedLayer(Mapping[str, Tensor]):
+    """One layer's candidate weights, {candidate key: tensor}, read from the candidate cache
+    on each access (`loader(key)`), so only the weights in use are in RAM. The file is read
+    into memory and closed (no mmap: touched mapped pages would count in RSS); in-memory
+    entries (`tensors`, a run without a cache folder) are returned as they are."""
+
+    def __init__(self, dtype: torch.dtype, paths: Mapping[str, Path] | None = None,
+                 tensors: Mapping[str, dict[str, Tensor]] | None = None) -> None:
+        self.dtype, self._paths, self._tensors = dtype, dict(paths or {}), dict(tensors or {})
+
+    def _read(self, key: str) -> dict[str, Tensor]:
+        if key in self._tensors:
+            return self._tensors[key]
+        if key not in self._paths:
+            raise KeyError(key)
+        return _read_file(self._paths[key])
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self._read(key)["weight"].to(self.dtype)
+
+    def extras(self, key: str) -> dict[str, Tensor]:
+        """What the backend stored beside the weight (GPTQ: "scale", "zero_point")."""
+        return {k: v for k, v in self._read(key).items() if k != "weight"}
+
+    def loader(self, key: str) -> Callable[[], Tensor]:
+        """A zero-argument function giving this candidate's weight (for `WeightSwapper`)."""
+        if key not in self:
+            raise KeyError(key)
+        return lambda: self[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._tensors or key in self._paths
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([*self._tensors, *(k for k in self._paths if k not in self._tensors)])
+
+    def __len__(self) -> int:
+        return len(set(self._tensors) | set(self._paths))
+
+
+class _LayerExtras(Mapping[str, dict[str, Tensor]]):
+    def __init__(self, layer: CachedLayer) -> None:
+        self._layer = layer
+
+    def __getitem__(self, key: str) -> dict[str, Tensor]:
+        if key not in self._layer:
+            raise KeyError(key)
+        return self._layer.extras(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._layer)
+
+    def __len__(self) -> int:
+        return len(self._layer)
+
+
+class _Extras(Mapping[str, Mapping[str, dict[str, Tensor]]]):
+    """{layer: {candidate key: extras}} read through `CachedLayer.extras`."""
+
+    def __init__(self, weights: Mapping[str, CachedLayer]) -> None:
+        self._weights = weights
+
+    def __getitem__(self, name: str) -> Mapping[str, dict[str, Tensor]]:
+        return _LayerExtras(self._weights[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._weights)
+
+    def __len__(self) -> int:
+        return len(self._weights)
+
+
 @dataclass(frozen=True, eq=False)
 class Candidates:
-    """Fake-quantized weights per layer and candidate key, plus the scales GPTQ used
-    (`extras[layer][key]`: {"scale", "zero_point"}) so the chosen ones export exactly."""
+    """Fake-quantized weights per layer and candidate key (`weights[layer][key]`, read from the
+    shared cache on access: `CachedLayer`), plus the scales GPTQ used (`extras[layer][key]`:
+    {"scale", "zero_point"}) so the chosen ones export exactly."""
 
     specs: tuple[QuantSpec, ...]
-    weights: dict[str, dict[str, Tensor]]
-    extras: dict[str, dict[str, dict[str, Tensor]]]
+    weights: dict[str, CachedLayer]
     built: int
     loaded: int
     seconds: float
@@ -158,6 +230,14 @@ class Candidates:
     @property
     def keys(self) -> tuple[str, ...]:
         return tuple(spec_key(s) for s in self.specs)
+
+    @property
+    def extras(self) -> Mapping[str, Mapping[str, dict[str, Tensor]]]:
+        return _Extras(self.weights)
+
+    def loaders(self) -> dict[str, dict[str, Callable[[], Tensor]]]:
+        """{layer: {key: loader}}: what `WeightSwapper` takes to read candidates lazily."""
+        return {n: {k: layer.loader(k) for k in layer} for n, layer in self.weights.items()}
 
 
 def weight_digest(w: Tensor) -> str:
@@ -191,18 +271,25 @@ def _quantize(w: Tensor, spec: QuantSpec, backend: str, stats: Mapping | None) -
     return {"weight": get_backend(backend)(w.clone(), spec, stats)}
 
 
-def _load_cached(path: Path, fingerprint: str) -> dict[str, Tensor] | None:
+def _read_file(path: Path) -> dict[str, Tensor]:
+    """Every tensor of a safetensors file, copied out of a plain read (no mapping kept)."""
+    from safetensors.torch import load
+
+    return load(path.read_bytes())
+
+
+def _cached_ok(path: Path, fingerprint: str) -> bool:
+    """Whether `path` is a complete candidate file for `fingerprint` (header check only: its
+    tensors are read when used)."""
     import safetensors
-    from safetensors.torch import load_file
 
     if not path.is_file():
-        return None
+        return False
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
-            ok = (f.metadata() or {}).get("fingerprint") == fingerprint
-        return load_file(str(path)) if ok else None
+            return (f.metadata() or {}).get("fingerprint") == fingerprint
     except Exception:  # a truncated file from a kill: recompute it
-        return None
+        return False
 
 
 def _save_cached(path: Path, tensors: dict[str, Tensor], fingerprint: str) -> None:
@@ -228,8 +315,7 @@ def build_candidates(
     if backend not in BACKENDS:
         raise SmpqError(f"unknown PTQ backend {backend!r}; known: {', '.join(BACKENDS)}")
     start, built, loaded = time.perf_counter(), 0, 0
-    weights: dict[str, dict[str, Tensor]] = {}
-    extras: dict[str, dict[str, dict[str, Tensor]]] = {}
+    weights: dict[str, CachedLayer] = {}
     resolved: Mapping[str, Any] | None = None if callable(stats) else stats
     todo = {n: [k for k in range(len(specs)) if allowed is None or k in allowed[n]]
             for n in linears}
@@ -237,28 +323,31 @@ def build_candidates(
     for name, layer in linears.items():
         w = layer.weight.detach()
         digest = weight_digest(w) if cache_dir else ""
-        weights[name], extras[name] = {}, {}
+        paths: dict[str, Path] = {}
+        kept: dict[str, dict[str, Tensor]] = {}
         for j in todo[name]:
             spec = specs[j]
             key = spec_key(spec)
             fp = candidate_key(digest, spec, backend, context) if cache_dir else ""
             path = candidate_path(cache_dir, fp) if cache_dir else None
-            tensors = _load_cached(path, fp) if path else None
-            if tensors is None:
+            if path is not None and _cached_ok(path, fp):
+                loaded += 1
+            else:
                 if resolved is None and callable(stats):
                     resolved = stats()
                 tensors = _quantize(w, spec, backend, (resolved or {}).get(name))
-                if path:
+                if path:  # written and dropped: read back when used
                     _save_cached(path, tensors, fp)
+                else:
+                    kept[key] = tensors
                 built += 1
-            else:
-                loaded += 1
-            weights[name][key] = tensors.pop("weight").to(w.dtype)
-            extras[name][key] = tensors
+            if path is not None:
+                paths[key] = path
             done += 1
             if progress:
                 progress("candidates", done, total)
-    return Candidates(tuple(specs), weights, extras, built, loaded, time.perf_counter() - start)
+        weights[name] = CachedLayer(w.dtype, paths, kept)
+    return Candidates(tuple(specs), weights, built, loaded, time.perf_counter() - start)
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -299,37 +388,62 @@ def contrastive_loss(model: nn.Module, batch: tuple[Mapping[str, Tensor], Mappin
     return F.cross_entropy(logits, torch.arange(len(logits)))
 
 
-def gradient_moments(
-    model: nn.Module, linears: Mapping[str, nn.Linear], batches: Iterable[Any], loss_fn: LossFn
-) -> tuple[dict[str, dict[str, Tensor]], int]:
-    """Mean gradient and mean squared gradient of each weight over the batches (float model).
+MOMENTS = ("grad", "grad_sq")
 
-    Gradients come from torch.autograd.grad, so no `.grad` is left behind; dropout is off
-    (eval mode) and requires_grad is restored afterwards. Returns (moments, n_batches)."""
+
+def gradient_moments(
+    model: nn.Module, linears: Mapping[str, nn.Linear], batches: Iterable[Any], loss_fn: LossFn,
+    keys: Sequence[str] = MOMENTS,
+) -> tuple[dict[str, dict[str, Tensor]], int]:
+    """Mean gradient ("grad") and mean squared gradient ("grad_sq") of each weight over the
+    batches (float model); `keys` picks which (one costs a float32 copy of the weights).
+
+    Each weight's gradient is folded into its sums as soon as backward has it, then freed
+    (a post-accumulate-grad hook), so the gradients of the whole model never coexist; no
+    `.grad` is changed, dropout is off (eval mode) and requires_grad is restored.
+    Returns (moments, n_batches)."""
+    unknown = set(keys) - set(MOMENTS)
+    if unknown or not keys:
+        raise SmpqError(f"gradient moments are {', '.join(MOMENTS)}; got {list(keys)}")
     params = [m.weight for m in linears.values()]
     flags = [p.requires_grad for p in params]
-    sums = [torch.zeros_like(p, dtype=torch.float64) for p in params]
-    squares = [torch.zeros_like(p, dtype=torch.float64) for p in params]
-    was_training, n = model.training, 0
+    sums = [{k: torch.zeros_like(p, dtype=torch.float32) for k in keys} for p in params]
+    was_training, n, previous = model.training, 0, [p.grad for p in params]
+
+    def fold(acc: dict[str, Tensor]) -> Callable[[Tensor], None]:
+        def hook(p: Tensor) -> None:
+            g = p.grad.float()
+            if "grad" in acc:
+                acc["grad"].add_(g)
+            if "grad_sq" in acc:
+                acc["grad_sq"].addcmul_(g, g)
+            p.grad = None
+        return hook
+
     model.eval()
+    handles = []
     try:
-        for p in params:
+        for p, acc in zip(params, sums, strict=True):
             p.requires_grad_(True)
+            p.grad = None
+            handles.append(p.register_post_accumulate_grad_hook(fold(acc)))
         with torch.enable_grad():
             for batch in batches:
-                grads = torch.autograd.grad(loss_fn(model, batch), params)
-                for s, q, g in zip(sums, squares, grads, strict=True):
-                    s.add_(g.double())
-                    q.add_(g.double().square())
+                torch.autograd.backward(loss_fn(model, batch), inputs=params)
                 n += 1
     finally:
+        for h in handles:
+            h.remove()
         model.train(was_training)
-        for p, flag in zip(params, flags, strict=True):
+        for p, flag, grad in zip(params, flags, previous, strict=True):
             p.requires_grad_(flag)
+            p.grad = grad
     if n == 0:
         raise SmpqError("gradient scores need at least one calibration batch")
-    return {name: {"grad": s / n, "grad_sq": q / n}
-            for name, s, q in zip(linears, sums, squares, strict=True)}, n
+    for acc in sums:
+        for t in acc.values():
+            t.div_(n)
+    return dict(zip(linears, sums, strict=True)), n
 
 
 def _hessian(stats: Mapping[str, Any] | None, name: str, method: str) -> Tensor:

@@ -65,7 +65,7 @@ def to_device(s: PTQSession, device: str) -> PTQSession:
 
     s.swapper.restore()
     s.model.to(device)
-    s.swapper = WeightSwapper(s.model, s.candidates.weights)  # candidates follow the weights
+    s.swapper = WeightSwapper(s.model, s.candidates.loaders())  # read onto the model's device
     s.refs = {k: dataclasses.replace(r, blocks=r.blocks.to(device), logp=r.logp.to(device),
                                      index=None if r.index is None else r.index.to(device))
               for k, r in s.refs.items()}

@@ -12,14 +12,16 @@ Encoders (all-MiniLM-L6-v2): sentence embeddings are the sentence-transformers r
 of the last hidden states over real tokens, then L2-normalised. `embedding_cosine` and
 `retrieval_agreement` compare them with the float model's on fixed texts.
 
-`WeightSwapper` swaps precomputed fake-quantized weights in and out by pointer, so one
-candidate assignment costs one swap and one forward pass.
+`WeightSwapper` swaps fake-quantized weights in and out by pointer, so one candidate
+assignment costs one swap and one forward pass; weights given as functions (the candidate
+cache) are read only while swapped in, plus a small LRU bounded in bytes.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +46,7 @@ __all__ = [
     "encode_texts",
     "encoder_reference",
     "float_reference",
+    "kl_and_nll",
     "kl_to_float",
     "lm_logits",
     "nll",
@@ -97,9 +100,12 @@ class FloatReference:
 
 
 def _token_nll_sum(logits: Tensor, ids: Tensor) -> tuple[float, int]:
-    pred, target = logits[:, :-1], ids[:, 1:]
-    loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="sum")
-    return float(loss.double()), target.numel()
+    """Summed next-token NLL, one sequence at a time: the (T, V) temporaries of one row, not
+    of the batch (with a 49k vocabulary a batch of 8 x 128 is 200 MB per copy)."""
+    total = 0.0
+    for row, seq in zip(logits, ids, strict=True):
+        total += float(F.cross_entropy(row[:-1], seq[1:], reduction="sum").double())
+    return total, ids[:, 1:].numel()
 
 
 @torch.no_grad()
@@ -142,6 +148,12 @@ def float_reference(
 
 
 def _kl_sum(logp: Tensor, index: Tensor | None, logits: Tensor) -> float:
+    """Summed KL over (B, T) positions, one sequence at a time (see `_token_nll_sum`)."""
+    return sum(_kl_row(logp[i], None if index is None else index[i], logits[i])
+               for i in range(len(logits)))
+
+
+def _kl_row(logp: Tensor, index: Tensor | None, logits: Tensor) -> float:
     logq = F.log_softmax(logits, dim=-1)
     if index is None:
         return float((logp.exp() * (logp - logq)).sum(dtype=torch.float64))
@@ -165,6 +177,21 @@ def kl_to_float(model: nn.Module, ref: FloatReference) -> float:
         total += _kl_sum(ref.logp[sl], index, lm_logits(model, ids))
         n += ids.numel()
     return max(0.0, total / n)
+
+
+@torch.no_grad()
+def kl_and_nll(model: nn.Module, ref: FloatReference) -> tuple[float, float]:
+    """(`kl_to_float(model, ref)`, `nll(model, ref.blocks)`) off one forward pass."""
+    total, n, nll_sum, count = 0.0, 0, 0.0, 0
+    for i, ids in enumerate(_batches(ref.blocks, ref.batch_size)):
+        sl = slice(i * ref.batch_size, i * ref.batch_size + len(ids))
+        index = ref.index[sl] if ref.index is not None else None
+        logits = lm_logits(model, ids)
+        total += _kl_sum(ref.logp[sl], index, logits)
+        n += ids.numel()
+        s, c = _token_nll_sum(logits, ids)
+        nll_sum, count = nll_sum + s, count + c
+    return max(0.0, total / n), nll_sum / count
 
 
 @torch.no_grad()
@@ -314,30 +341,43 @@ def retrieval_agreement(
 
 
 class WeightSwapper:
-    """Swap precomputed weights into layers by pointer (`weight.data = t`), no copies.
+    """Swap candidate weights into layers by pointer (`weight.data = t`), no copies.
 
-    candidates: {layer name: {candidate key: weight tensor}}; keys are any hashable but None,
-    which means "float". Tensors already matching the layer's dtype/device/shape are used
-    as-is (shared, not copied: do not edit them in place); others are converted once here.
-    The float originals are kept, so `restore()` is bit-exact. Do not train or load a state
-    dict while candidates are in: it would write into the candidate tensors.
+    candidates: {layer name: {candidate key: weight tensor, or a zero-argument function giving
+    it}}; keys are any hashable but None, which means "float". Tensors are checked and kept
+    from the start (already matching the layer's dtype/device/shape they are used as-is:
+    shared, not copied, so do not edit them in place; others are converted once here).
+    Functions (e.g. `Candidates.loaders()`, reading the candidate cache) are called when their
+    candidate is swapped in, so RAM holds only the weights in use plus an LRU of recently
+    swapped-out ones of at most `cache_bytes` (default: an eighth of the swapped layers' float
+    bytes). The float originals are kept, so `restore()` is bit-exact. Do not train or load a
+    state dict while candidates are in: it would write into the candidate tensors.
     """
 
     def __init__(
-        self, model: nn.Module, candidates: Mapping[str, Mapping[Hashable, Tensor]]
+        self, model: nn.Module,
+        candidates: Mapping[str, Mapping[Hashable, Tensor | Callable[[], Tensor]]],
+        cache_bytes: int | None = None,
     ) -> None:
         modules = dict(model.named_modules())
         self._params: dict[str, nn.Parameter] = {}
         self._float: dict[str, Tensor] = {}
-        self._cands: dict[str, dict[Hashable, Tensor]] = {}
+        self._cands: dict[str, dict[Hashable, Tensor | Callable[[], Tensor]]] = {}
         for name, options in candidates.items():
             weight = getattr(modules.get(name), "weight", None)
             if not isinstance(weight, nn.Parameter):
                 raise SmpqError(f"no layer with a weight named {name!r} in the model")
             self._params[name] = weight
             self._float[name] = weight.data
-            self._cands[name] = {k: self._prepare(name, k, t, weight) for k, t in options.items()}
+            self._cands[name] = {k: t if callable(t) and not isinstance(t, Tensor)
+                                 else self._prepare(name, k, t, weight)
+                                 for k, t in options.items()}
         self._current: dict[str, Hashable | None] = dict.fromkeys(self._params)
+        if cache_bytes is None:
+            cache_bytes = sum(w.numel() * w.element_size() for w in self._float.values()) // 8
+        self.cache_bytes = int(cache_bytes)
+        self._lru: OrderedDict[tuple[str, Hashable], Tensor] = OrderedDict()
+        self.loads = 0  # candidate weights read through a function so far
 
     @staticmethod
     def _prepare(name: str, key: Hashable, t: Tensor, weight: Tensor) -> Tensor:
@@ -349,6 +389,27 @@ class WeightSwapper:
                 f"layer {name!r} candidate {key!r}: shape {shape} != {tuple(weight.shape)}"
             )
         return t.detach().to(device=weight.device, dtype=weight.dtype).contiguous()
+
+    def _weight(self, name: str, key: Hashable) -> Tensor:
+        """The tensor of (name, key): kept, cached, or read now through its function."""
+        entry = self._cands[name][key]
+        if isinstance(entry, Tensor):
+            return entry
+        t = self._lru.pop((name, key), None)
+        if t is None:
+            t = self._prepare(name, key, entry(), self._float[name])
+            self.loads += 1
+        return t
+
+    def _release(self, name: str, key: Hashable, t: Tensor) -> None:
+        """Keep a swapped-out read candidate in the LRU, within `cache_bytes`."""
+        if isinstance(self._cands[name][key], Tensor):
+            return
+        self._lru[(name, key)] = t
+        used = sum(x.numel() * x.element_size() for x in self._lru.values())
+        while self._lru and used > self.cache_bytes:
+            _, old = self._lru.popitem(last=False)
+            used -= old.numel() * old.element_size()
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -370,11 +431,15 @@ class WeightSwapper:
         for name, key in assignment.items():
             if key is not None and key not in self._cands[name]:
                 raise SmpqError(f"layer {name!r} has no candidate {key!r}")
+        for name, param in self._params.items():  # swap out first: the LRU may keep them
+            key, was = assignment.get(name), self._current[name]
+            if key != was and was is not None:
+                self._release(name, was, param.data)
+                param.data, self._current[name] = self._float[name], None
         for name, param in self._params.items():
             key = assignment.get(name)
-            if key != self._current[name]:
-                param.data = self._float[name] if key is None else self._cands[name][key]
-                self._current[name] = key
+            if key is not None and key != self._current[name]:
+                param.data, self._current[name] = self._weight(name, key), key
 
     def update(self, changes: Mapping[str, Hashable | None]) -> None:
         """Change only the named layers; the others keep their current candidate."""
