@@ -7,9 +7,10 @@ the rest of a block-token budget on such moves, chosen with the credits and filt
 
 1. Offspring. From the incumbent, every feasible *level switch* (one unit a level up, another
    a level down, as EvoPress and `local` do), every single step up that the budget's slack
-   allows, and random double
-   chains of switches form a pool (longer chains while the incumbent is stuck). Half the `offspring` are the pool's best by the surrogate (the
-   credits' prediction: free), half are drawn at random from it (EvoPress's exploration).
+   allows, and random chains of equal-cost switches (longer while the incumbent is stuck)
+   form a pool. The offspring are the surrogate's best unseen policy anywhere (its exact
+   MILP solve), the pool's best by the surrogate (the credits' prediction: free) for half
+   of them, and random members of the pool (EvoPress's exploration) for the rest.
 2. Multi-fidelity selection. Every offspring is measured on the first `screen_blocks` token
    blocks (a fraction of a forward); the `survivors` best, by their low-fidelity gain over the
    parent's own low-fidelity value, are measured at full fidelity. Only full-fidelity values
