@@ -36,13 +36,15 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from smpq.engine.guided import GuidedConfig, GuidedResult, guided_search
 from smpq.engine.loop import EngineConfig, EngineResult, min_evaluations, run_engine
+from smpq.engine.model import bootstrap_shapley, fit_model
 from smpq.engine.space import PolicySpace
 from smpq.errors import SmpqError
 from smpq.fileio import atomic_write_text
@@ -195,6 +197,8 @@ class SessionValue:
                        if self.lm else None)
         self.seen: dict[tuple[int, ...], float] = {}  # ladder choice -> engine value (full)
         self._refs: dict[int | None, Any] = {}  # encoders: reference per fidelity
+        # (block-tokens spent, value, levels) each time a full-fidelity value beat the best
+        self.trace: list[tuple[int, float, tuple[int, ...]]] = []
 
     def assignment(self, levels: np.ndarray) -> dict[str, str]:
         return {n: self.keys[lad[k]] for g, lad, k in zip(self.s.groups, self.ladders, levels,
@@ -268,6 +272,10 @@ class SessionValue:
         if n is None:
             self.seen.update({tuple(int(x) for x in c): float(v)
                               for c, v in zip(choices, out, strict=True)})
+            for c, v in zip(choices, out, strict=True):  # best so far vs compute spent
+                if not self.trace or v > self.trace[-1][1]:
+                    self.trace.append((self.block_tokens, float(v),
+                                       tuple(int(x) for x in c)))
         return out
 
     def cost(self) -> dict[str, Any]:
@@ -390,13 +398,20 @@ def shapley_loop(p: SearchProblem) -> StrategyResult:
     initial = np.array([[r[c] for r, c in zip(ranks, choice, strict=True)]
                         for _, choice in priors], dtype=np.int64)
     value = SessionValue(s, ladders, split, metric, cfg.evaluations, cache_bytes=cache_bytes)
+    guided, engine_evals, budget_tokens = _guided_options(p, value, cfg, need)
     if resume:
         value.load(ckpt)
     outer = o.get("progress")
 
     try:
-        res = run_engine(space, value, cfg, checkpoint=ckpt, resume=resume, progress=outer,
+        res = run_engine(space, value, replace(cfg, evaluations=engine_evals), checkpoint=ckpt,
+                         resume=resume, progress=outer,
                          initial=initial if len(initial) else None, prior=gains)
+        if guided is not None:
+            res = _guided_phase(space, value, res, guided, budget_tokens, gains,
+                                None if ckpt is None else ckpt.with_name(
+                                    ckpt.name.replace("engine_state", "engine_guided")),
+                                resume, cfg, outer)
     finally:
         s.swapper.restore()
     choice = tuple(int(lad[k]) for lad, k in zip(ladders, res.choice, strict=True))
@@ -406,7 +421,9 @@ def shapley_loop(p: SearchProblem) -> StrategyResult:
             "backward_passes": prior_cost["backward_passes"],
             "forward_seconds": value.seconds, "evaluations": res.evaluations,
             "prior_seconds": prior_cost["seconds"], "stopped": res.stopped,
-            "value_split": split, "metric": metric, **value.cost()}
+            "value_split": split, "metric": metric, **value.cost(),
+            "search_block_tokens": budget_tokens,
+            "trace": [[b, v] for b, v, _ in value.trace]}
     cost["block_tokens"] += int(prior_cost.get("block_tokens", 0))  # the priors' scores
     policy = choice_policy(s.groups, s.specs, choice, meta={
         "method": NAME, "backend": s.backend, "budget": str(p.budget), "model": s.model_name,
@@ -419,6 +436,87 @@ def shapley_loop(p: SearchProblem) -> StrategyResult:
                           info, detail=Allocated(choice, choice,
                                                  _scores(res, space, ladders, len(s.specs)),
                                                  None, None, cost))
+
+
+ENGINE_SHARE = 0.4  # of the budget, in full-evaluation equivalents, before guided evolution
+
+
+def _guided_options(p: SearchProblem, value: SessionValue, cfg: EngineConfig, need: int
+                    ) -> tuple[GuidedConfig | None, int, int]:
+    """(guided phase's config or None, the engine's evaluations, the whole search's
+    block-token budget). The budget is `block_tokens`, or `n_evaluations` full forwards'
+    worth; the engine spends `engine_share` of the evaluations (at least what one round
+    needs), guided evolution the rest of the block-tokens."""
+    o = p.options
+    full = value.full_block_tokens()
+    budget = o.get("block_tokens", cfg.evaluations * full)
+    on = o.get("guided", value.lm)
+    share = o.get("engine_share", ENGINE_SHARE)
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
+        raise SmpqError(f"block_tokens of {NAME} must be a positive integer, got {budget!r}")
+    if not isinstance(on, bool):
+        raise SmpqError(f"guided of {NAME} must be true or false, got {on!r}")
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+        raise SmpqError(f"engine_share of {NAME} must be in (0, 1], got {share!r}")
+    if not on:
+        return None, cfg.evaluations, int(budget)
+    evals = max(need, int(round(share * budget / full)))
+    ref = value.s.refs[value.split]
+    total = len(ref.blocks) if value.lm else len(ref.inputs.batches)
+    screen = o.get("screen_blocks", max(1, total // 4))
+    if screen is not None and (isinstance(screen, bool) or not isinstance(screen, int)
+                               or screen < 1):
+        raise SmpqError(f"screen_blocks of {NAME} must be a positive integer, got {screen!r}")
+    try:
+        gcfg = GuidedConfig(block_tokens=int(budget), seed=p.seed,
+                            offspring=o.get("offspring", GuidedConfig.offspring),
+                            survivors=o.get("survivors", GuidedConfig.survivors),
+                            screen_blocks=None if screen is None or screen >= total
+                            else screen)
+    except TypeError as err:
+        raise SmpqError(f"bad {NAME} option: {err}") from None
+    return gcfg, evals, int(budget)
+
+
+def _guided_phase(space: PolicySpace, value: SessionValue, res: EngineResult,
+                  cfg: GuidedConfig, budget: int, prior: np.ndarray | None,
+                  ckpt: Path | None, resume: bool, ecfg: EngineConfig,
+                  progress: Any = None) -> EngineResult:
+    """Guided evolution (`smpq.engine.guided`) from the engine's best with the block-tokens
+    the engine left; the credits are refitted on every full-fidelity evaluation. The
+    engine's evaluations are charged at the full price (what prefix reuse saved there is
+    not passed on), so a resumed search, whose engine phase is read back, not re-run,
+    gives the guided phase the same budget. Progress is reported as the engine's:
+    (full-evaluation equivalents spent, planned, best)."""
+    data = ([tuple(c) for c in value.seen], list(value.seen.values()))
+    full = value.full_block_tokens()
+    done = res.evaluations * full
+    left = max(0, budget - done)
+
+    def tick(spent: int, _total: int, best: float) -> None:
+        progress(int((done + spent) // full), int(budget // full), best)
+
+    g: GuidedResult = guided_search(space, value, np.array(res.choice), replace(
+        cfg, block_tokens=left), data=data, start_value=res.value, prior=prior,
+        checkpoint=ckpt, resume=resume, progress=tick if progress is not None else None)
+    xs, ys = np.array(g.choices), np.array(g.values)
+    model = fit_model(space, xs, ys, seed=ecfg.seed, prior=prior)
+    se = bootstrap_shapley(space, xs, ys, model, n_boot=ecfg.bootstrap, seed=ecfg.seed,
+                           prior=prior)
+    ok = space.fits(xs)
+    best = max((v for v, f in zip(ys, ok, strict=True) if f), default=g.value)
+    choice = g.choice if g.value >= best else tuple(
+        int(x) for x in xs[int(np.argmax(np.where(ok, ys, -np.inf)))])
+    history = res.history + [max(res.value, v) for _, v in g.curve[1:]]
+    return replace(res, choice=choice, value=max(g.value, best), evaluations=len(ys),
+                   history=history, shapley=model.shapley(space).tolist(),
+                   shapley_se=se.tolist(), interactions=model.top_interactions(space),
+                   interaction_matrix=model.interaction_matrix(space),
+                   r2_cv=float(model.r2_cv), stopped=f"guided {g.stopped}",
+                   rounds=res.rounds + [{"guided": {
+                       "generations": g.generations, "improvements": g.improvements,
+                       "evaluations": g.evaluations, "block_tokens": g.block_tokens,
+                       "curve": [list(c) for c in g.curve]}}])
 
 
 def _scores(res: EngineResult, space: PolicySpace, ladders: tuple[np.ndarray, ...],

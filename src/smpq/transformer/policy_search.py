@@ -1,8 +1,9 @@
 """Plain searches over whole policies, the peers `shapley-loop` must beat at equal budgets.
 
-All spend the same evaluations on the same value as `shapley-loop` (`n_evaluations`,
-`value_split`, `metric` options; one evaluation = one weight swap and one forward pass over
-the value split) and keep the best feasible policy they evaluated:
+All spend the same compute on the same value as `shapley-loop` and keep the best feasible
+policy they evaluated. Compute is counted in block-tokens (tokens x transformer blocks run;
+prefix reuse makes a forward that changes only late blocks cheaper): the `block_tokens`
+option, or `n_evaluations` full forwards' worth; `value_split` and `metric` as there.
 
 | name   | what                                                                              |
 |--------|-----------------------------------------------------------------------------------|
@@ -68,6 +69,15 @@ def _setup(p: SearchProblem, name: str
     return s, space, ladders, SessionValue(s, ladders, split, metric, n, name, cache_bytes), n
 
 
+def block_token_cap(p: SearchProblem, value: SessionValue, n: int, name: str) -> int:
+    """The search's compute budget in block-tokens: the `block_tokens` option, else `n`
+    full evaluations' worth. A search starts an evaluation while it has spent less."""
+    cap = p.options.get("block_tokens", n * value.full_block_tokens())
+    if isinstance(cap, bool) or not isinstance(cap, (int, np.integer)) or cap < 1:
+        raise SmpqError(f"block_tokens of {name} must be a positive integer, got {cap!r}")
+    return int(cap)
+
+
 def _result(name: str, p: SearchProblem, s: Any, ladders: tuple[np.ndarray, ...],
             levels: np.ndarray,
             value: SessionValue, start: float, extra: dict, curve: list[float],
@@ -97,15 +107,17 @@ def _curve(values: list[float]) -> list[float]:
 
 @register("random", kind="transformer")
 def random_search(p: SearchProblem) -> StrategyResult:
-    """The best of `n_evaluations` random policies on the budget frontier."""
+    """The best random policies on the budget frontier that `n_evaluations` full forwards'
+    worth of block-tokens (or `block_tokens`) buy."""
     s, space, ladders, value, n = _setup(p, "random")
+    cap = block_token_cap(p, value, n, "random")
     start = time.perf_counter()
     rng = np.random.default_rng([p.seed, 7])
     seen: dict[tuple[int, ...], float] = {}
     vals: list[float] = []
     try:
-        tries = 0
-        while len(seen) < n and tries < 20 * n:  # small spaces may hold fewer than n policies
+        tries, most = 0, 20 * max(n, cap // value.full_block_tokens())
+        while value.block_tokens < cap and tries < most:  # small spaces: fewer policies
             tries += 1
             c = tuple(int(x) for x in space.random_maximal(rng, 1)[0])
             if c in seen:
@@ -153,6 +165,7 @@ def local_search(p: SearchProblem) -> StrategyResult:
     from smpq import strategy
 
     s, space, ladders, value, n = _setup(p, "local")
+    cap = block_token_cap(p, value, n, "local")
     start = time.perf_counter()
     opts = {k: v for k, v in p.options.items() if k in ("config", "resolved")}
     fisher = strategy.get(p.options.get("start", "fisher"), "transformer")(SearchProblem(
@@ -167,7 +180,7 @@ def local_search(p: SearchProblem) -> StrategyResult:
         vals.append(best)
         seen = {tuple(cur.tolist())}
         improved = True
-        while improved and value.calls < n:
+        while improved and value.block_tokens < cap:
             improved = False
             for u, v in local_moves(space, cur, rng):
                 nxt = cur.copy()
@@ -182,7 +195,7 @@ def local_search(p: SearchProblem) -> StrategyResult:
                 if got > best:
                     cur, best, improved = nxt, got, True
                     break
-                if value.calls >= n:
+                if value.block_tokens >= cap:
                     break
     finally:
         s.swapper.restore()
