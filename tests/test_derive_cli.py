@@ -254,3 +254,15 @@ def test_out_may_not_be_the_run_folder(run_dir):
 def test_api_errors_are_smpq_errors(tmp_path):
     with pytest.raises(SmpqError, match="no search output"):
         rederive(tmp_path / "missing", "avg_bits=4")
+
+
+def test_derive_into_a_users_own_folder_is_refused_and_changes_nothing(run_dir, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "policy.json").write_text("my own policy\n")
+    code, _, err = _main(["derive", "--from", run_dir, "--budget", "avg_bits=7",
+                          "--out", mine])
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), err
+    assert (mine / "policy.json").read_text() == "my own policy\n"
+    assert sorted(p.name for p in mine.iterdir()) == ["policy.json"]

@@ -414,7 +414,8 @@ def derive(
 
     bud = Budget.parse(budget)
     out = out or run_dir / "derived" / re.sub(r"[^A-Za-z0-9._@=-]+", "_", str(bud))
-    _, rows = derive_from_run(run_dir, bud, out)
+    with _claim(out) as stage:  # never over a user's own folder or files
+        _, rows = derive_from_run(run_dir, bud, out, stage)
     console.print(_table(f"budget {bud}", rows, ["constraint", "limit", "value", "slack", "ok"]))
     console.print(f"wrote {out}/policy.json")
 

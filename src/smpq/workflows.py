@@ -217,8 +217,10 @@ def run_search(net: nn.Module, splits: Splits, mc: ModelCost, budget: Budget,
     return rows
 
 
-def derive_from_run(run_dir: Path, budget: Budget, out: Path) -> tuple[Policy, list[dict]]:
-    """A finished search's policy at another budget (no search); writes out/policy.json.
+def derive_from_run(run_dir: Path, budget: Budget, out: Path, stage: Path | None = None
+                    ) -> tuple[Policy, list[dict]]:
+    """A finished search's policy at another budget (no search); writes policy.json into
+    `stage` (the claimed output folder's staging folder) or else `out`.
 
     Returns the policy and its per-constraint budget check."""
     from smpq.cnn.search.derive import load_search
@@ -229,7 +231,7 @@ def derive_from_run(run_dir: Path, budget: Budget, out: Path) -> tuple[Policy, l
     run = load_search(run_dir)
     policy = run.derive(budget).policy
     rows = run.check(budget, policy)
-    policy.save(out / "policy.json")
+    policy.save((stage or out) / "policy.json")
     return policy, rows
 
 
