@@ -197,7 +197,8 @@ class SessionValue:
                        if self.lm else None)
         self.seen: dict[tuple[int, ...], float] = {}  # ladder choice -> engine value (full)
         self._refs: dict[int | None, Any] = {}  # encoders: reference per fidelity
-        # (block-tokens spent, value, levels) each time a full-fidelity value beat the best
+        # (block-tokens spent, value, candidate choice) each time a full-fidelity value beat
+        # the best so far: quality against compute
         self.trace: list[tuple[int, float, tuple[int, ...]]] = []
 
     def assignment(self, levels: np.ndarray) -> dict[str, str]:
@@ -274,8 +275,8 @@ class SessionValue:
                               for c, v in zip(choices, out, strict=True)})
             for c, v in zip(choices, out, strict=True):  # best so far vs compute spent
                 if not self.trace or v > self.trace[-1][1]:
-                    self.trace.append((self.block_tokens, float(v),
-                                       tuple(int(x) for x in c)))
+                    self.trace.append((self.block_tokens, float(v), tuple(
+                        int(lad[k]) for lad, k in zip(self.ladders, c, strict=True))))
         return out
 
     def cost(self) -> dict[str, Any]:
@@ -423,7 +424,7 @@ def shapley_loop(p: SearchProblem) -> StrategyResult:
             "prior_seconds": prior_cost["seconds"], "stopped": res.stopped,
             "value_split": split, "metric": metric, **value.cost(),
             "search_block_tokens": budget_tokens,
-            "trace": [[b, v] for b, v, _ in value.trace]}
+            "trace": [[b, v, list(c)] for b, v, c in value.trace]}
     cost["block_tokens"] += int(prior_cost.get("block_tokens", 0))  # the priors' scores
     policy = choice_policy(s.groups, s.specs, choice, meta={
         "method": NAME, "backend": s.backend, "budget": str(p.budget), "model": s.model_name,

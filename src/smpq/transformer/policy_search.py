@@ -90,7 +90,8 @@ def _result(name: str, p: SearchProblem, s: Any, ladders: tuple[np.ndarray, ...]
             "forward_passes": value.calls + extra.get("forward_passes", 0),
             "backward_passes": extra.get("backward_passes", 0),
             "forward_seconds": value.seconds, "evaluations": value.calls,
-            "prior_seconds": extra.get("seconds", 0.0), **value.cost(), **(more or {})}
+            "prior_seconds": extra.get("seconds", 0.0), **value.cost(), **(more or {}),
+            "trace": [[b, v, list(c)] for b, v, c in value.trace]}
     cost["block_tokens"] += int(extra.get("block_tokens", 0))  # the start's scores
     policy = choice_policy(s.groups, s.specs, choice, meta={
         "method": name, "backend": s.backend, "budget": str(p.budget), "model": s.model_name,
