@@ -267,7 +267,12 @@ def guided_search(space: PolicySpace, value: FidelityValue, start: np.ndarray,
     stopped = "budget"
     model: QuadraticModel | None = None
     hyper: tuple[int, float, float] | None = None
-    last = 0  # the previous generation's cost: a generation that would overrun is not begun
+    # a generation that would overrun the budget is not begun: its cost is estimated by the
+    # previous generation's, or before the first by the full price of its evaluations (when
+    # the value can price them: `full_block_tokens(n_blocks)`)
+    price = getattr(value, "full_block_tokens", None)
+    last = (0 if price is None else cfg.offspring * price(None) if low is None else
+            (cfg.offspring + 1) * price(low) + cfg.survivors * price(None))
     while memo.spent + last <= cfg.block_tokens and memo.spent < cfg.block_tokens:
         begun = memo.spent
         rng = np.random.default_rng([cfg.seed, gen, 7])
