@@ -289,3 +289,18 @@ def test_guided_phase_buys_more_with_reuse_within_the_same_budget(session):
     levels = [list(lad).index(c) for lad, c in zip(ladders, on.detail.choice, strict=True)]
     assert on.info["engine"]["best_value"] == pytest.approx(
         _ref_value(session, ladders, levels), rel=1e-6)
+
+
+def test_the_trace_holds_only_policies_in_budget_and_ends_at_the_result(session):
+    from smpq.transformer.mixed import choice_policy
+
+    res = _run(session, "shapley-loop")
+    trace = res.detail.cost["trace"]
+    spent = [b for b, _, _ in trace]
+    vals = [v for _, v, _ in trace]
+    assert spent == sorted(spent) and vals == sorted(vals) and len(set(vals)) == len(vals)
+    for _, _, choice in trace:  # screening also measures coalitions over the budget
+        pol = choice_policy(session.groups, session.specs, tuple(choice))
+        assert all(r["ok"] for r in BUDGET.check(session.cost, pol))
+    assert tuple(trace[-1][2]) == tuple(res.detail.choice)
+    assert vals[-1] == res.info["engine"]["best_value"]

@@ -200,6 +200,7 @@ class SessionValue:
         # (block-tokens spent, value, candidate choice) each time a full-fidelity value beat
         # the best so far: quality against compute
         self.trace: list[tuple[int, float, tuple[int, ...]]] = []
+        self.fits: Any = None  # the policy space's `fits`: only policies in budget are traced
 
     def assignment(self, levels: np.ndarray) -> dict[str, str]:
         return {n: self.keys[lad[k]] for g, lad, k in zip(self.s.groups, self.ladders, levels,
@@ -273,8 +274,9 @@ class SessionValue:
         if n is None:
             self.seen.update({tuple(int(x) for x in c): float(v)
                               for c, v in zip(choices, out, strict=True)})
-            for c, v in zip(choices, out, strict=True):  # best so far vs compute spent
-                if not self.trace or v > self.trace[-1][1]:
+            ok = self.fits(choices) if self.fits is not None else [True] * len(out)
+            for c, v, f in zip(choices, out, ok, strict=True):  # best so far vs compute
+                if f and (not self.trace or v > self.trace[-1][1]):
                     self.trace.append((self.block_tokens, float(v), tuple(
                         int(lad[k]) for lad, k in zip(self.ladders, c, strict=True))))
         return out
@@ -399,6 +401,7 @@ def shapley_loop(p: SearchProblem) -> StrategyResult:
     initial = np.array([[r[c] for r, c in zip(ranks, choice, strict=True)]
                         for _, choice in priors], dtype=np.int64)
     value = SessionValue(s, ladders, split, metric, cfg.evaluations, cache_bytes=cache_bytes)
+    value.fits = space.fits
     guided, engine_evals, budget_tokens = _guided_options(p, value, cfg, need)
     if resume:
         value.load(ckpt)

@@ -66,7 +66,9 @@ def _setup(p: SearchProblem, name: str
     space.check_feasible()
     ladders = unit_ladders(s, order)  # per group: level -> candidate index
     cache_bytes = prefix_cache_bytes(p, name)
-    return s, space, ladders, SessionValue(s, ladders, split, metric, n, name, cache_bytes), n
+    value = SessionValue(s, ladders, split, metric, n, name, cache_bytes)
+    value.fits = space.fits
+    return s, space, ladders, value, n
 
 
 def block_token_cap(p: SearchProblem, value: SessionValue, n: int, name: str) -> int:
