@@ -121,7 +121,11 @@ def test_engine_run_with_own_calibration_text(monkeypatch, capsys, folder, tmp_p
     assert summary["search_cost"]["evaluations"] <= 9
     assert "shapley-loop / rtn" in stdout and "policies evaluated" in stdout
     state = json.loads((out / "engine_state.json").read_text())
-    assert len(state["choices"]) == summary["search_cost"]["evaluations"]
+    # the engine's evaluations, then the guided phase's new full-fidelity ones
+    guided = json.loads((out / "engine_guided.json").read_text())["memo"]
+    engine = {",".join(map(str, c)) for c in state["choices"]}
+    extra = {k for k in guided if k.startswith("None:") and k[len("None:"):] not in engine}
+    assert len(state["choices"]) + len(extra) == summary["search_cost"]["evaluations"]
 
 
 class _SubwordTok:

@@ -565,9 +565,10 @@ def _check_export(export: str, model: str, candidates: str | list, cache_dir: st
 
 
 # the engine's checkpoints (one per value option), kept across the output swap for --resume
-ENGINE_STATE_FILES = tuple(f"engine_state{tag}{ext}" for tag in ("", "_val", "_neg_nll",
-                                                                  "_val_neg_nll")
-                           for ext in (".json", ".session.json"))
+ENGINE_STATE_FILES = tuple(f"engine_{part}{tag}{ext}" for tag in ("", "_val", "_neg_nll",
+                                                                   "_val_neg_nll")
+                           for part, ext in (("state", ".json"), ("state", ".session.json"),
+                                             ("guided", ".json")))  # the guided phase's
 
 
 def resume_states(method: str, options: Mapping[str, Any] | None = None) -> tuple[str, ...]:
