@@ -202,7 +202,7 @@ def check_weights(auto: Any, folder: Path, transformers: Any) -> None:
     held = sum(math.prod(s) for s in stored.values())
     unheld = {n: t for n, t in tensors.items() if n not in matched}
     extra = sum(t.numel() for t in unheld.values())
-    if extra > held + 2**20:
+    if extra > held + 2**16:  # small buffers (rotary, position ids) are never stored
         name = max(unheld, key=lambda n: unheld[n].numel())
         raise SmpqError(f"{folder}: config.json describes {extra:,} values the weights do not "
                         f"hold (e.g. {name!r} {list(unheld[name].shape)}), more than the "
