@@ -315,3 +315,60 @@ def test_hostile_out_targets_lose_nothing_and_fail_in_one_line(ckpt, kind, names
             assert kind in ("link_to_new_folder", "dangling_link", "nested_new"), kind
             assert all(not isinstance(after[n], tuple) or after[n][0] != "dir" or
                        any(k.startswith(n + "/") for k in after) for n in new), new
+
+
+# -- hostile Hugging Face folders (issue 20) -------------------------------------------------
+
+def _hostile_hf_folder(folder: Path, fault: str, value: int) -> None:
+    """A tiny random Llama saved to `folder`, then damaged: a broken safetensors header, a
+    config whose shapes do not match the weights, or one asking for a huge model."""
+    import struct
+
+    import torch
+    import transformers
+
+    from smpq.transformer.tiny_lm import ByteTokenizer
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=ByteTokenizer.vocab_size, hidden_size=16, intermediate_size=32,
+        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+        max_position_embeddings=32, tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(str(folder))
+    ByteTokenizer().save(folder)
+    weights, config = folder / "model.safetensors", folder / "config.json"
+    raw = weights.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    if fault == "header_length":  # from just past the file to 2**64-1
+        weights.write_bytes(struct.pack("<Q", len(raw) + value % (2**64 - len(raw))) + raw[8:])
+    elif fault == "header_bytes":  # the header's JSON overwritten by junk bytes
+        junk = bytes((value >> (8 * (i % 8))) & 0xFF or 0x21 for i in range(n))
+        weights.write_bytes(raw[:8] + junk[:1].replace(b"{", b"!") + junk[1:] + raw[8 + n:])
+    elif fault == "truncated":
+        weights.write_bytes(raw[: 8 + value % (len(raw) - 8)])
+    else:  # a config field changed: hidden_size, intermediate_size or vocab_size
+        c = json.loads(config.read_text())
+        size = c[fault] + 1 + value % 10**12  # never the stored size
+        c[fault] = size
+        config.write_text(json.dumps(c))
+
+
+@settings(max_examples=12, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(fault=st.sampled_from(["header_length", "header_bytes", "truncated", "hidden_size",
+                              "intermediate_size", "vocab_size"]),
+       value=st.integers(0, 2**63))
+def test_ptq_on_a_hostile_hugging_face_folder_is_one_line_and_fast(fault, value):
+    import time
+
+    pytest.importorskip("transformers")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        _hostile_hf_folder(tmp / "model", fault, value)
+        start = time.perf_counter()
+        res = _run("ptq", "--model", str(tmp / "model"), "--out", str(tmp / "out"),
+                   "--cache", str(tmp / "cache"))
+        seconds = time.perf_counter() - start
+        _assert_one_line_error(*res)
+        assert seconds < 20, seconds  # refused before any weight is loaded
+        assert not (tmp / "out").exists() and not (tmp / "cache").exists()

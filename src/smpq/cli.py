@@ -44,7 +44,44 @@ DataDirOpt = typer.Option(None, help="Local folder of a standard dataset (cifar1
 ModelOpt = typer.Option("small_resnet", help="Model: mlp, small_resnet, resnet20.")
 CkptOpt = typer.Option(None, help="Checkpoint folder from `smpq train` (default: cached model).")
 CacheOpt = typer.Option(DEFAULT_CACHE, help="Cache folder for trained float models.")
-SeedOpt = typer.Option(0, help="Random seed.")
+MAX_SEED = 2**64 - 1  # torch.manual_seed's range; numpy takes any non-negative integer
+
+
+def _check_seed(seed: int) -> int:
+    """--seed callback: out of range is one line now, not a ValueError after the model loads."""
+    if not 0 <= seed <= MAX_SEED:
+        raise SmpqError(f"--seed must be in 0..2**64-1, got {seed}")
+    return seed
+
+
+def _check_evaluations(evaluations: int | None) -> None:
+    if evaluations is not None and not 1 <= evaluations <= strategy.MAX_EVALUATIONS:
+        raise SmpqError(f"--evaluations must be in 1..{strategy.MAX_EVALUATIONS:,}, got "
+                        f"{evaluations}")
+
+
+def _check_device(device: str) -> None:
+    """cpu, cuda or cuda:K, and CUDA there: one line at argument checking, not an
+    AssertionError from torch once the model is built."""
+    import re
+
+    m = re.fullmatch(r"cuda(?::(\d{1,6}))?", device)
+    if device == "cpu":
+        return
+    if m is None:
+        raise SmpqError(f"--device must be cpu, cuda or cuda:K, got {device!r}")
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise SmpqError(f"--device {device}: this machine has no CUDA device (torch "
+                        f"{torch.__version__}); use --device cpu")
+    if m[1] is not None and int(m[1]) >= count:
+        raise SmpqError(f"--device {device}: this machine has {count} CUDA device(s), "
+                        f"cuda:0..cuda:{count - 1}")
+
+
+SeedOpt = typer.Option(0, callback=_check_seed, help="Random seed (0..2**64-1).")
 WorkersOpt = typer.Option(0, min=0, help="Value evaluations on a local Ray cluster of N worker "
                           "processes (needs the ray extra); 0 = in this process.")
 RayAddressOpt = typer.Option(None, help="Value evaluations on the Ray cluster at HOST:PORT.")
@@ -305,7 +342,9 @@ def _backend(workers: int, ray_address: str | None, device: str) -> dict:
     from smpq.evaluator import EvaluatorConfig, check_address
 
     cfg = EvaluatorConfig(workers=workers, address=ray_address, device=device)
-    if ray_address is not None:
+    if ray_address is None:  # a cluster's workers have their own devices (checked on joining)
+        _check_device(device)
+    else:
         check_address(ray_address)
     if cfg.backend == "ray":
         try:
@@ -363,8 +402,7 @@ def search(
     strategy.get(method, "cnn")  # unknown names fail here, before any work
     if top_k < 1:
         raise SmpqError(f"--top-k must be at least 1, got {top_k}")
-    if evaluations < 1:
-        raise SmpqError(f"--evaluations must be at least 1, got {evaluations}")
+    _check_evaluations(evaluations)
     supernet = method in SUPERNET
     scale = _backend(workers, ray_address, device)
     if scale and supernet:
@@ -645,8 +683,7 @@ def ptq(
     scale = _backend(workers, ray_address, "cpu").get("backend")
     if top_k is not None and top_k < 1:
         raise SmpqError(f"--top-k must be at least 1, got {top_k}")
-    if evaluations is not None and evaluations < 1:
-        raise SmpqError(f"--evaluations must be at least 1, got {evaluations}")
+    _check_evaluations(evaluations)
     try:  # our stage bars replace transformers' own (which would clutter a one-line error)
         from transformers.utils import logging as hf_logging
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import shutil
 import tempfile
@@ -43,9 +44,18 @@ __all__ = [
     "check_resumable",
     "disk_full",
     "output_dir",
+    "parse_json",
     "publish_dir",
+    "read_json",
+    "read_safetensors",
+    "safetensors_shapes",
 ]
 
+# Bounds on the JSON files smpq reads (policies, resume states, configs, calibration lines):
+# real ones are kilobytes to megabytes and a handful of levels deep. Without them a huge file
+# is read whole, and deep nesting exhausts the recursion limit of json and its users.
+JSON_MAX_BYTES = 16 * 2**20
+JSON_MAX_DEPTH = 64
 OUTPUT_MARKER = ".smpq-output"  # in a folder `output_dir` wrote: it may replace it whole
 
 
@@ -140,6 +150,110 @@ def publish_dir(final: str | os.PathLike, marker: str) -> Iterator[Path]:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- bounded JSON ----------------------------------------------------------------------------
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json object_pairs_hook: a repeated key is an error (json's default keeps the last)."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise SmpqError(f"duplicate key {key!r}")
+        seen.add(key)
+    return dict(pairs)
+
+
+def _depth(value: object, limit: int) -> int:
+    """Nesting depth of parsed JSON (a flat object is 1), walked without recursion; the walk
+    stops once past `limit`."""
+    deepest, stack = 0, [(value, 1)]
+    while stack and deepest <= limit:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in item)
+    return deepest
+
+
+def parse_json(text: str | bytes, what: str, max_depth: int = JSON_MAX_DEPTH) -> object:
+    """Parse JSON strictly, as an SmpqError naming `what` on any fault: nesting bounded
+    (deep nesting would exhaust the recursion limit), duplicate keys rejected, a UTF-8 byte
+    order mark accepted (editors write one)."""
+    too_deep = f"{what} is nested more than {max_depth} levels deep"
+    try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8-sig")
+        data = json.loads(text.removeprefix("\ufeff"), object_pairs_hook=_unique_keys)
+    except UnicodeDecodeError:
+        raise SmpqError(f"{what} is not text") from None
+    except SmpqError as exc:
+        raise SmpqError(f"{what} has a {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise SmpqError(f"{what} is not valid JSON: {exc.msg} (line {exc.lineno})") from None
+    except RecursionError:
+        raise SmpqError(too_deep) from None
+    except ValueError as exc:  # e.g. an integer beyond Python's digit limit
+        raise SmpqError(f"{what} is not valid JSON: {exc}") from None
+    if _depth(data, max_depth) > max_depth:
+        raise SmpqError(too_deep)
+    return data
+
+
+def read_json(path: str | os.PathLike, what: str, max_bytes: int = JSON_MAX_BYTES,
+              max_depth: int = JSON_MAX_DEPTH) -> object:
+    """`parse_json` of a file, refused past `max_bytes` before it is read whole. `what` names
+    the file in messages ("policy file" -> "policy file p.json is not valid JSON: ...")."""
+    path = Path(path)
+    what = f"{what} {path}"
+    too_big = f"{what} is larger than {max_bytes / 2**20:g} MiB"
+    try:
+        if path.stat().st_size > max_bytes:
+            raise SmpqError(too_big)
+        with path.open("rb") as f:
+            raw = f.read(max_bytes + 1)  # the file may have grown since stat
+    except OSError as exc:
+        raise SmpqError(f"cannot read {what}: {exc.strerror or exc}") from None
+    if len(raw) > max_bytes:
+        raise SmpqError(too_big)
+    return parse_json(raw, what, max_depth)
+
+
+# -- safetensors ---------------------------------------------------------------------------
+# One checker for every weight file smpq reads (its own checkpoints, a user's Hugging Face
+# folder): safetensors validates the header (length within the file, JSON, each tensor's
+# shape x dtype = its byte range, the ranges covering the file) before it allocates anything;
+# any fault, in whatever error type the library raises, is one SmpqError line.
+
+def _safetensors_fault(path: Path, what: str, exc: BaseException) -> SmpqError:
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return SmpqError(f"cannot read {what} {path}: {first}")
+
+
+def safetensors_shapes(path: str | os.PathLike, what: str = "weights"
+                       ) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} from a safetensors header, no tensor read (memory-mapped)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except Exception as exc:  # safetensors raises its own error types for bad files
+        raise _safetensors_fault(path, what, exc) from None
+
+
+def read_safetensors(path: str | os.PathLike, what: str = "weights") -> dict[str, Tensor]:
+    """Every tensor of a safetensors file, on the CPU; a damaged file is one SmpqError."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # SafetensorError, OSError, ...; never a traceback
+        raise _safetensors_fault(path, what, exc) from None
 
 
 # -- output folders ------------------------------------------------------------------------

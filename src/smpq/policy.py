@@ -18,68 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from smpq.errors import SmpqError
-from smpq.fileio import atomic_write_text
+from smpq.fileio import atomic_write_text, read_json
 from smpq.spec import LayerChoice, parse_bits_pair
 
 __all__ = ["POLICY_VERSION", "Policy"]
 
 POLICY_VERSION = 1
-
-
-# Bounds on a policy file: real ones are kilobytes and a handful of levels deep. Without them a
-# huge file is read whole, and deep nesting exhausts the recursion limit of json and its users.
-_MAX_BYTES = 16 * 2**20
-_MAX_DEPTH = 64
-
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    """json object_pairs_hook: a repeated key is an error (json's default keeps the last)."""
-    seen: set[str] = set()
-    for key, _ in pairs:
-        if key in seen:
-            raise SmpqError(f"duplicate key {key!r}")
-        seen.add(key)
-    return dict(pairs)
-
-
-def _depth(value: object) -> int:
-    """Nesting depth of parsed JSON (a flat object is 1), walked without recursion."""
-    deepest, stack = 0, [(value, 1)]
-    while stack and deepest <= _MAX_DEPTH:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            item = list(item.values())
-        if isinstance(item, list):
-            deepest = max(deepest, depth)
-            stack.extend((child, depth + 1) for child in item)
-    return deepest
-
-
-def _read_json(path: Path, what: str) -> object:
-    """Parse a small JSON file strictly: size and depth bounded, duplicate keys rejected."""
-    too_big = f"{what} {path} is larger than {_MAX_BYTES // 2**20} MiB"
-    if path.stat().st_size > _MAX_BYTES:
-        raise SmpqError(too_big)
-    with path.open("rb") as f:
-        raw = f.read(_MAX_BYTES + 1)  # the file may have grown since stat
-    if len(raw) > _MAX_BYTES:
-        raise SmpqError(too_big)
-    too_deep = f"{what} {path} is nested more than {_MAX_DEPTH} levels deep"
-    try:
-        data = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
-    except UnicodeDecodeError:
-        raise SmpqError(f"{what} {path} is not text") from None
-    except SmpqError as exc:
-        raise SmpqError(f"{what} {path} has a {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise SmpqError(f"{what} {path} is not valid JSON: {exc.msg} (line {exc.lineno})") from None
-    except RecursionError:
-        raise SmpqError(too_deep) from None
-    except ValueError as exc:  # e.g. an integer beyond Python's digit limit
-        raise SmpqError(f"{what} {path} is not valid JSON: {exc}") from None
-    if _depth(data) > _MAX_DEPTH:
-        raise SmpqError(too_deep)
-    return data
 
 
 def _parse_choice(name: str, value) -> LayerChoice | None:
@@ -100,7 +44,7 @@ class Policy:
     version: int = POLICY_VERSION
 
     def __post_init__(self) -> None:
-        if self.version != POLICY_VERSION:
+        if isinstance(self.version, bool) or self.version != POLICY_VERSION:
             raise SmpqError(
                 f"unsupported policy version {self.version!r} (this smpq reads {POLICY_VERSION})"
             )
@@ -192,4 +136,4 @@ class Policy:
         path = Path(path)
         if not path.is_file():
             raise SmpqError(f"policy file not found: {path}")
-        return cls.from_dict(_read_json(path, "policy file"))
+        return cls.from_dict(read_json(path, "policy file"))  # size, depth bounded

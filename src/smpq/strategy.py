@@ -30,6 +30,7 @@ from smpq.spec import LayerChoice, QuantSpec
 
 __all__ = [
     "KINDS",
+    "MAX_EVALUATIONS",
     "SearchProblem",
     "Strategy",
     "StrategyResult",
@@ -40,6 +41,9 @@ __all__ = [
 ]
 
 KINDS = ("cnn", "transformer")
+# Most value evaluations (forward passes) a search may ask for: days of work on the smallest
+# model; past it, per-evaluation arrays alone would outgrow any machine's memory.
+MAX_EVALUATIONS = 10**6
 _PROVIDERS = {"cnn": ("smpq.cnn.search.engine_search", "smpq.cnn.search.baselines",
                       "smpq.cnn.search.evolution"),
               "transformer": ("smpq.transformer.engine_strategy", "smpq.transformer.strategies",

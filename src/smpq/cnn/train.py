@@ -20,14 +20,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from smpq.cnn.data import DATASETS, get_splits, make_loader
 from smpq.cnn.models import MODELS, build_model, model_from_config
 from smpq.errors import SmpqError
-from smpq.fileio import atomic_save_safetensors, atomic_write_text, publish_dir
+from smpq.fileio import (
+    atomic_save_safetensors,
+    atomic_write_text,
+    publish_dir,
+    read_safetensors,
+)
 
 __all__ = [
     "CODE_VERSION",
@@ -309,10 +313,7 @@ def load_checkpoint(
         raise SmpqError(f"corrupt checkpoint meta {meta_path}: {exc}") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
         raise SmpqError(f"checkpoint meta {meta_path} has no 'model' config object")
-    try:
-        state = load_file(str(weights), device="cpu")
-    except Exception as exc:  # safetensors raises its own error types for bad files
-        raise SmpqError(f"cannot read checkpoint weights {weights}: {exc}") from None
+    state = read_safetensors(weights, "checkpoint weights")
     for name, t in state.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise SmpqError(f"checkpoint has non-finite weights in {name}")

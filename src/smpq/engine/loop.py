@@ -35,12 +35,14 @@ from smpq.engine.model import QuadraticModel, bootstrap_shapley, fit_model
 from smpq.engine.solve import quadratic_topk, quadratic_value
 from smpq.engine.space import PolicySpace
 from smpq.errors import SmpqError
-from smpq.fileio import atomic_write_text
+from smpq.fileio import atomic_write_text, read_json
+from smpq.strategy import MAX_EVALUATIONS
 
 __all__ = ["EngineConfig", "EngineResult", "min_evaluations", "run_engine"]
 
 Evaluate = Callable[[np.ndarray], np.ndarray]
 STATE_VERSION = 1
+STATE_MAX_BYTES = 256 * 2**20  # a resume state: one row per evaluated policy
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,9 @@ class EngineConfig:
     time_limit: float = 30.0
 
     def __post_init__(self) -> None:
+        if not 1 <= self.evaluations <= MAX_EVALUATIONS:
+            raise SmpqError(f"evaluations must be in 1..{MAX_EVALUATIONS}, got "
+                            f"{self.evaluations}")
         if not isinstance(self.top_k, int) or self.top_k < 1:
             raise SmpqError(f"top_k must be an integer >= 1, got {self.top_k!r}")
         if not 0 < self.screen_fraction < 1:
@@ -255,8 +260,8 @@ def run_engine(space: PolicySpace, evaluate: Evaluate, config: EngineConfig | No
     st = _State(fp)
     if resume and path is not None and path.exists():
         try:
-            st = _State.from_dict(json.loads(path.read_text()), fp)
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            st = _State.from_dict(read_json(path, "search state", STATE_MAX_BYTES), fp)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise SmpqError(f"cannot resume from {path}: {e}") from None
     start = time.perf_counter() - st.seconds
     seen = set(st.choices)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
@@ -247,6 +248,10 @@ class EvaluatorConfig:
     def __post_init__(self) -> None:
         if self.workers < 0:
             raise SmpqError(f"workers must be >= 0, got {self.workers}")
+        cpus = os.cpu_count() or 1
+        if self.address is None and self.workers > cpus:  # before Ray starts a local cluster
+            raise SmpqError(f"--workers {self.workers} is more than this machine's {cpus} "
+                            f"CPUs; use at most {cpus} (or --ray-address for a cluster)")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise SmpqError(f"device must be cpu, cuda or cuda:K, got {self.device!r}")
 

@@ -65,9 +65,16 @@ class _RayPool:
         ray = _ray()
         self.ray = ray
         self.owns = _connect(ray, address, workers)
+        key = "GPU" if devices[0].startswith("cuda") else "CPU"
+        have = int(ray.cluster_resources().get(key, 0))
         if workers is None:  # joined a cluster without a count: one worker per CPU (GPU) there
-            key = "GPU" if devices[0].startswith("cuda") else "CPU"
-            workers = max(1, int(ray.cluster_resources().get(key, 1)))
+            workers = max(1, have)
+        elif workers > have:  # actors beyond what the cluster has would wait forever
+            if self.owns:
+                ray.shutdown()
+            where = f"the Ray cluster at {address}" if address else "this machine"
+            raise SmpqError(f"--workers {workers} is more than the {have} {key}s of {where}; "
+                            f"use at most {have}")
         self.size = workers
         self.devices = [devices[i % len(devices)] for i in range(workers)]
         self.task_ref = ray.put(task)

@@ -31,14 +31,12 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-import safetensors
-import safetensors.torch
 import torch
 from torch import Tensor, nn
 
 from smpq.errors import SmpqError
 from smpq.export.packing import QuantizedTensor, pack, packed_length, unpack
-from smpq.fileio import atomic_save_safetensors, atomic_write_text
+from smpq.fileio import atomic_save_safetensors, atomic_write_text, read_safetensors
 from smpq.policy import Policy
 from smpq.spec import Granularity, QuantSpec
 
@@ -242,10 +240,7 @@ def _read_meta(path: Path) -> dict:
 
 
 def _read_tensors(path: Path) -> dict[str, Tensor]:
-    try:
-        return safetensors.torch.load_file(path)
-    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise SmpqError(f"cannot read {path}: {exc}") from None
+    return read_safetensors(path, "packed weights")
 
 
 def _required(tensors: Mapping[str, Tensor], key: str) -> Tensor:

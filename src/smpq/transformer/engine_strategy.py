@@ -43,11 +43,17 @@ from typing import Any
 import numpy as np
 
 from smpq.engine.guided import GuidedConfig, GuidedResult, guided_search
-from smpq.engine.loop import EngineConfig, EngineResult, min_evaluations, run_engine
+from smpq.engine.loop import (
+    STATE_MAX_BYTES,
+    EngineConfig,
+    EngineResult,
+    min_evaluations,
+    run_engine,
+)
 from smpq.engine.model import bootstrap_shapley, fit_model
 from smpq.engine.space import PolicySpace
 from smpq.errors import SmpqError
-from smpq.fileio import atomic_write_text
+from smpq.fileio import atomic_write_text, read_json
 from smpq.strategy import SearchProblem, StrategyResult, register
 from smpq.transformer.prefix import DEFAULT_CACHE_MB
 
@@ -143,7 +149,7 @@ def _session_priors(p: SearchProblem, resolved: Any, ckpt: Path | None, resume: 
     session = json.loads(json.dumps(p.model.fingerprint(), default=str))
     if resume and (ckpt.is_file() or side.is_file()):
         try:
-            saved = json.loads(side.read_text())
+            saved = read_json(side, "search session", STATE_MAX_BYTES)
         except (OSError, ValueError):
             saved = None
         same = isinstance(saved, dict) and saved.get("session") == session
@@ -297,7 +303,7 @@ class SessionValue:
         if checkpoint is None or not checkpoint.is_file():
             return
         try:
-            st = json.loads(checkpoint.read_text())
+            st = read_json(checkpoint, "search state", STATE_MAX_BYTES)
             self.seen.update({tuple(c): float(v) for c, v in zip(st["choices"], st["values"],
                                                                  strict=True)})
         except (OSError, ValueError, KeyError, TypeError):

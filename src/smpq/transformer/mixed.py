@@ -61,7 +61,7 @@ import numpy as np
 
 from smpq.cost import ModelCost
 from smpq.errors import SmpqError
-from smpq.fileio import atomic_write_text
+from smpq.fileio import atomic_write_text, read_json
 from smpq.policy import Policy
 from smpq.shapley import (
     Z95,
@@ -193,11 +193,12 @@ def _read_state(path: Path, fingerprint: Mapping[str, Any]) -> dict | None:
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SmpqError(f"unreadable Shapley state {path}: {exc}") from None
-    if data.get("version") != STATE_VERSION or data.get("fingerprint") != json.loads(
-            json.dumps(dict(fingerprint))):
+        data = read_json(path, "Shapley state", 256 * 2**20)
+    except SmpqError as exc:
+        raise SmpqError(f"unreadable {exc}") from None
+    same = json.loads(json.dumps(dict(fingerprint)))
+    if (not isinstance(data, dict) or data.get("version") != STATE_VERSION
+            or data.get("fingerprint") != same):
         raise SmpqError(f"{path} belongs to a different run (model, data, candidates or "
                         "settings changed); delete it or run without resume")
     return data

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -30,6 +31,7 @@ __all__ = [
     "MINILM_PACKAGE",
     "NAMED_MODELS",
     "arch_of",
+    "check_weights",
     "convert_conv1d_",
     "linear_layers",
     "load_local",
@@ -140,6 +142,73 @@ def _require_safetensors(folder: Path) -> None:
     raise SmpqError(f"no model weights (*.safetensors) in {folder}")
 
 
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files transformers would load: the index's shards, or model.safetensors
+    (or the folder's only one)."""
+    from smpq.fileio import read_json
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        data = read_json(index, "weight index")
+        shards = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(shards, dict) or not all(isinstance(s, str) for s in shards.values()):
+            raise SmpqError(f"weight index {index} has no 'weight_map' of file names")
+        files = [folder / s for s in sorted(set(shards.values()))]
+        bad = [f.name for f in files if f.parent != folder or not f.is_file()]
+        if bad:
+            raise SmpqError(f"weight index {index} names missing shard {bad[0]!r}")
+        return files
+    single = folder / "model.safetensors"
+    return [single] if single.is_file() else sorted(folder.glob("*.safetensors"))[:1]
+
+
+def _meta_model(auto: Any, folder: Path, transformers: Any) -> nn.Module:
+    """The model config.json describes, built on the meta device: shapes, no memory."""
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        with torch.device("meta"):
+            return auto.from_config(config)
+    except Exception as exc:  # a hostile config fails in any of transformers' error types
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SmpqError(f"cannot build the model {folder / 'config.json'} describes: "
+                        f"{first}") from None
+
+
+def check_weights(auto: Any, folder: Path, transformers: Any) -> None:
+    """Refuse, before any weight is loaded, a folder whose safetensors headers are damaged or
+    whose tensors do not have the shapes config.json gives (a one-line SmpqError naming the
+    first mismatch), or whose config asks for far more than the files hold (e.g. vocab_size
+    10**12 with a tensor missing): loading would allocate and randomly fill the rest."""
+    from smpq.fileio import safetensors_shapes
+
+    stored: dict[str, tuple[int, ...]] = {}
+    for path in _weight_files(folder):
+        stored.update(safetensors_shapes(path, "model weights"))
+    model = _meta_model(auto, folder, transformers)
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    matched: set[str] = set()
+    for key, shape in stored.items():
+        alias = key.removeprefix(f"{prefix}.") if prefix else key
+        name = next((n for n in (key, alias, f"{prefix}.{key}") if n in tensors), None)
+        if name is None:
+            continue  # transformers reports (and ignores) unexpected keys
+        matched.add(name)
+        want = tuple(tensors[name].shape)
+        if want != shape:
+            raise SmpqError(f"{folder}: tensor {key!r} is {list(shape)} in the weights but "
+                            f"config.json gives {list(want)}")
+    held = sum(math.prod(s) for s in stored.values())
+    unheld = {n: t for n, t in tensors.items() if n not in matched}
+    extra = sum(t.numel() for t in unheld.values())
+    if extra > held + 2**16:  # small buffers (rotary, position ids) are never stored
+        name = max(unheld, key=lambda n: unheld[n].numel())
+        raise SmpqError(f"{folder}: config.json describes {extra:,} values the weights do not "
+                        f"hold (e.g. {name!r} {list(unheld[name].shape)}), more than the "
+                        f"{held:,} they do")
+
+
 def _require_finite(model: nn.Module, folder: Path) -> None:
     """NaN/inf weights would surface much later as a puzzling quantizer error: name them now."""
     for name, param in model.named_parameters():
@@ -159,6 +228,7 @@ def load_local(path: str | os.PathLike, kind: str = "auto") -> tuple[nn.Module, 
     _require_safetensors(folder)
     transformers = require_transformers()
     auto = transformers.AutoModelForCausalLM if resolved == "causal_lm" else transformers.AutoModel
+    check_weights(auto, folder, transformers)  # headers and shapes, before anything is loaded
     try:
         model = auto.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True,
                                      use_safetensors=True)

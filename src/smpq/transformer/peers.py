@@ -13,8 +13,9 @@ AutoScheme scores each option per layer with its delta-loss estimate (gradients 
 calibration text) and solves its own knapsack on average bits. It reads text, not tokens: the
 session's calibration blocks are decoded into a JSONL file it loads as a local dataset
 (`nsamples` blocks of `seqlen` tokens). It runs on a deep copy of the model (it frees
-weights as it goes), offline, and its per-scheme score cache (~/.cache/auto_round) is cleared
-first so that its wall time is a cold run, like ours.
+weights as it goes), offline, and with HOME and XDG_CACHE_HOME pointed at a fresh temporary
+folder for the call, so its per-scheme score cache (~/.cache/auto_round) starts empty (its
+wall time is a cold run, like ours) and the user's own cache is never read, changed or deleted.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ import io
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,10 @@ from smpq.errors import SmpqError
 from smpq.spec import Granularity, QuantSpec
 
 __all__ = ["AUTOSCHEME_INSTALL", "PEER_METHODS", "autoscheme_allocation", "autoscheme_options",
-           "autoscheme_strategy", "check_autoscheme"]
+           "autoscheme_strategy", "check_autoscheme", "private_home"]
 
 PEER_METHODS = ("autoscheme",)  # `smpq ptq --method` names run by `autoscheme_strategy`
+_HOME_VARS = ("HOME", "XDG_CACHE_HOME")
 
 AUTOSCHEME_INSTALL = ("pip install --no-deps auto-round==0.16.1 && "
                       "pip install accelerate datasets py-cpuinfo")
@@ -53,6 +55,24 @@ def autoscheme_options(specs: tuple[QuantSpec, ...]) -> list[tuple[int, int, boo
     if len({b for b, _, _ in out}) != len(out):
         raise SmpqError("AutoScheme needs candidates with distinct bit widths")
     return out
+
+
+@contextlib.contextmanager
+def private_home(folder: Path) -> Iterator[None]:
+    """HOME and XDG_CACHE_HOME set to `folder` (so ~/.cache is folder/.cache) for the block,
+    restored after: a peer's caches stay out of the user's own."""
+    saved = {k: os.environ.get(k) for k in _HOME_VARS}
+    (folder / ".cache").mkdir(parents=True, exist_ok=True)
+    os.environ["HOME"] = str(folder)
+    os.environ["XDG_CACHE_HOME"] = str(folder / ".cache")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def autoscheme_allocation(session: Any, avg_bits: list[float], *, batch_size: int = 8
@@ -74,10 +94,10 @@ def autoscheme_allocation(session: Any, avg_bits: list[float], *, batch_size: in
     calib = session.calib
     os.environ.setdefault("AR_DISABLE_DATASET_SUBPROCESS", "1")
     os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
-    shutil.rmtree(Path.home() / ".cache" / "auto_round", ignore_errors=True)  # a cold run
     if session.swapper is not None:
         session.swapper.restore()
-    with tempfile.TemporaryDirectory(prefix="smpq_autoscheme_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="smpq_autoscheme_") as tmp, \
+            private_home(Path(tmp) / "home"):  # a cold cache of its own; the user's untouched
         data = Path(tmp) / "calibration.jsonl"
         # decoded blocks re-tokenise to about the same length; a margin of calibration text
         # (the next block's start) keeps each sample >= seqlen tokens (shorter ones are dropped)

@@ -639,7 +639,7 @@ def _run_ptq(model: str, budget: Budget, backend: str, method: str, out: Path, s
         from smpq.engine.loop import EngineConfig, min_evaluations
 
         o = dict(options or {})
-        cfg = EngineConfig(evaluations=int(o.get("n_evaluations", 10**9)),
+        cfg = EngineConfig(evaluations=int(o.get("n_evaluations", strategy.MAX_EVALUATIONS)),
                            top_k=o.get("top_k", 4))
         need = min_evaluations(None, cfg)  # type: ignore[arg-type]  # needs no space yet
         from smpq.transformer.engine_strategy import METRICS, VALUE_SPLITS

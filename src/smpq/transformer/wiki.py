@@ -37,7 +37,6 @@ import functools
 import hashlib
 import html
 import importlib.util
-import json
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -51,6 +50,7 @@ import numpy as np
 import torch
 
 from smpq.errors import SmpqError
+from smpq.fileio import parse_json
 
 __all__ = [
     "GENSIM_INSTALL",
@@ -330,9 +330,9 @@ def read_text_documents(path: str | os.PathLike) -> list[str]:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SmpqError(f"{p}:{i}: not a JSON line ({exc.msg})") from None
+            obj = parse_json(line, "it")  # nesting bounded, as policy files are
+        except SmpqError as exc:
+            raise SmpqError(f"{p}:{i}: not a JSON line ({exc})") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise SmpqError(f'{p}:{i}: expected an object with a string "text" field')
         docs.append(obj["text"])

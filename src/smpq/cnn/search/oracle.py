@@ -29,6 +29,7 @@ from smpq.cost import Budget, ModelCost
 from smpq.errors import SmpqError
 from smpq.evaluator import EvaluatorConfig
 from smpq.spec import LayerChoice, QuantSpec
+from smpq.strategy import MAX_EVALUATIONS
 
 __all__ = ["MAX_ENUMERATE", "MAX_ORACLE_POLICIES", "PolicyTable", "enumerate_feasible",
            "oracle", "random_search", "sample_feasible"]
@@ -160,8 +161,8 @@ def random_search(
     Fewer are scored when the feasible set is smaller (drawing stops after 50 x n draws).
     Each draw's new policies are scored as one batch on `backend` (`smpq.evaluator`).
     """
-    if n_evaluations < 1:
-        raise SmpqError(f"n_evaluations must be >= 1, got {n_evaluations}")
+    if not 1 <= n_evaluations <= MAX_EVALUATIONS:
+        raise SmpqError(f"n_evaluations must be in 1..{MAX_EVALUATIONS}, got {n_evaluations}")
     space, tables, meter, ev = _setup(model, cost, budget, train_set, val_set, w_specs,
                                       a_specs, fixed, val_samples, seed, evaluator)
     rng = np.random.default_rng(seed)

@@ -53,7 +53,7 @@ from smpq.cnn.supernet import Supernet
 from smpq.cnn.values import SubsetValue, stack_dataset
 from smpq.cost import Budget, ModelCost
 from smpq.errors import SmpqError
-from smpq.fileio import atomic_write_text
+from smpq.fileio import atomic_write_text, read_json
 from smpq.policy import Policy
 from smpq.shapley import ShapleyConfig, conservative, permutation_shapley, standardise
 from smpq.spec import LayerChoice, act_spec, weight_spec
@@ -267,9 +267,9 @@ def _save(ckpt: Path, model: nn.Module, state: dict, optims: dict) -> None:
 def _read_checkpoint(ckpt: Path) -> tuple[dict, dict[str, Tensor]]:
     """(state, tensors) of a complete checkpoint, or an SmpqError saying what is wrong."""
     try:
-        state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SmpqError(f"unreadable checkpoint {ckpt / STATE_FILE}: {exc}; "
+        state = read_json(ckpt / STATE_FILE, "checkpoint")
+    except SmpqError as exc:
+        raise SmpqError(f"unreadable {exc}; "
                         "start without --resume") from None
     if not isinstance(state, dict):
         raise SmpqError(f"checkpoint {ckpt / STATE_FILE} is not a JSON object; "
