@@ -68,3 +68,13 @@ def bitops_ladder_space(n_units: int, levels: int, seed: int, frac: float):
     lo, hi = sum(c.min() for c in costs), sum(c.max() for c in costs)
     return PolicySpace(tuple(f"l{u}" for u in range(n_units)), ((levels, levels),) * n_units,
                        {"bitops": costs}, {}, {"bitops": lo + frac * (hi - lo)}, ("w", "a"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: thread sync costs more than it saves, badly so on a busy 2-core machine.
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

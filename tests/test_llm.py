@@ -61,13 +61,7 @@ def _rtn(w: torch.Tensor, bits: int) -> torch.Tensor:
     return (w / scale).round().clamp(-qmax - 1, qmax) * scale
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: thread sync costs more than it saves, badly so on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 @pytest.fixture(scope="module")

@@ -58,13 +58,7 @@ from smpq.transformer.values import WeightSwapper, float_reference, kl_to_float 
 CANDS = "int2g32,int4g32,int8g32"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is ~100x faster than two on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 def _config():

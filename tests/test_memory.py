@@ -16,12 +16,7 @@ from smpq.transformer.values import WeightSwapper
 CANDS = "int2g32,int3g32,int4g32,int8g32"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 @pytest.fixture(scope="module")

@@ -35,12 +35,7 @@ from smpq.transformer.values import WeightSwapper, kl_to_float, lm_logits  # noq
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 def _perturbed(model, names, seed=0):

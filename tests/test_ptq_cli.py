@@ -8,7 +8,6 @@ import os
 import sys
 
 import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
@@ -23,12 +22,7 @@ from smpq.transformer.tiny_lm import ByteTokenizer  # noqa: E402
 CANDS = "int2g32,int4g32,int8g32"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 @pytest.fixture(scope="module")

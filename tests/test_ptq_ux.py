@@ -22,12 +22,7 @@ CANDS = "int2g32,int4g32,int8g32"
 SMALL = RunSettings(block=32, calib_blocks=4, val_blocks=4, test_blocks=4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 @pytest.fixture(scope="module")
