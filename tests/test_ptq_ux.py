@@ -345,7 +345,8 @@ def test_autoscheme_runs_through_ptq(monkeypatch, capsys, folder, tmp_path):
 # -- --workers / --ray-address -------------------------------------------------------------
 
 @pytest.mark.parametrize("args, msg", [
-    (["--workers", "2"], "--workers/--ray-address apply to shapley, shapley_pairwise"),
+    (["--method", "fisher", "--workers", "2"],
+     "--workers/--ray-address apply to shapley, shapley_pairwise"),
     (["--method", "local", "--ray-address", "127.0.0.1:1"], "local evaluates in this process"),
     (["--method", "shapley", "--ray-address", "127.0.0.1:1"], "127.0.0.1:1"),
 ])
@@ -378,3 +379,27 @@ def test_shapley_values_go_through_the_evaluator(folder, tmp_path):
     assert len(made) == 1 and made[0].calls > 0  # the game's values came from the evaluator
     assert there["choice"] == here["choice"]
     assert there["metrics"] == pytest.approx(here["metrics"], rel=1e-9)
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_shapley_loop_batches_go_through_the_evaluator(folder, tmp_path, guided):
+    from smpq.evaluator import LocalEvaluator
+
+    made: list[LocalEvaluator] = []
+
+    def factory(task):
+        made.append(LocalEvaluator(task))
+        return made[-1]
+
+    settings = replace(SMALL, cache_dir=str(tmp_path / "c"))
+    opts = {"n_evaluations": 12, "top_k": 2, "guided": guided}
+    here = run_ptq(str(folder), "avg_bits=3", out=tmp_path / "a", candidates=CANDS,
+                   settings=settings, options=opts)
+    there = run_ptq(str(folder), "avg_bits=3", out=tmp_path / "b", candidates=CANDS,
+                    settings=settings, options=opts, scale=factory)
+    assert len(made) == 1 and made[0].calls > 0  # batches were valued by the evaluator
+    if not guided:  # the engine alone: the same values, so the same search
+        assert there["choice"] == here["choice"]
+        assert there["metrics"] == pytest.approx(here["metrics"], rel=1e-9)
+    cost = there["search_cost"]
+    assert cost["evaluations"] <= 12 + 4 and cost["block_tokens"] > 0

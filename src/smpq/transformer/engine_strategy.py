@@ -207,6 +207,7 @@ class SessionValue:
         # the best so far: quality against compute
         self.trace: list[tuple[int, float, tuple[int, ...]]] = []
         self.fits: Any = None  # the policy space's `fits`: only policies in budget are traced
+        self.pool: Any = None  # an smpq.evaluator for full-fidelity batches (ptq --workers)
 
     def assignment(self, levels: np.ndarray) -> dict[str, str]:
         return {n: self.keys[lad[k]] for g, lad, k in zip(self.s.groups, self.ladders, levels,
@@ -268,12 +269,29 @@ class SessionValue:
                         self.planned)
         return v
 
+    def _pooled(self, choices: np.ndarray) -> list[float]:
+        """Full-fidelity values of a batch from `pool` (workers run full forwards of the
+        session's own value), counted and timed as here."""
+        rows = np.array([[int(lad[k]) for lad, k in zip(self.ladders, c, strict=True)]
+                         for c in choices], dtype=np.int64)
+        start = time.perf_counter()
+        raw = [float(v) for v in self.pool.evaluate(rows)]
+        self.seconds += time.perf_counter() - start
+        self.calls += len(raw)
+        self.block_tokens += len(raw) * self.full_block_tokens()
+        self.s.progress(self.name, min(len(self.seen) + len(raw), self.planned), self.planned)
+        return raw
+
     def __call__(self, choices: np.ndarray, n_blocks: int | None = None) -> np.ndarray:
         """Engine values (higher is better) of ladder choices, on the first `n_blocks`
-        token blocks of the split (None: all). Only full-fidelity values enter `seen`."""
+        token blocks of the split (None: all). Only full-fidelity values enter `seen`.
+        With a `pool` (an smpq.evaluator), full-fidelity batches of two or more go to it."""
         n = self._n(n_blocks)
         self.pending = 0
-        raw = [self.raw(c, n) for c in choices]
+        if self.pool is not None and n is None and len(choices) > 1:
+            raw = self._pooled(choices)
+        else:
+            raw = [self.raw(c, n) for c in choices]
         out = np.array(raw if self.metric == "neg_nll" else
                        [-math.log(max(-v, 0.0) + 1e-9) for v in raw])
         self.pending = 0
@@ -408,6 +426,11 @@ def shapley_loop(p: SearchProblem) -> StrategyResult:
                         for _, choice in priors], dtype=np.int64)
     value = SessionValue(s, ladders, split, metric, cfg.evaluations, cache_bytes=cache_bytes)
     value.fits = space.fits
+    value.pool = s.batch_evaluator(split) if hasattr(s, "batch_evaluator") else None
+    if value.pool is not None and metric != "neg_kl":
+        value.pool.close()
+        raise SmpqError(f"{NAME} sends only the neg_kl value to workers; drop --workers/"
+                        "--ray-address or the neg_nll value")
     guided, engine_evals, budget_tokens = _guided_options(p, value, cfg, need)
     if resume:
         value.load(ckpt)
@@ -424,6 +447,8 @@ def shapley_loop(p: SearchProblem) -> StrategyResult:
                                 resume, cfg, outer)
     finally:
         s.swapper.restore()
+        if value.pool is not None:
+            value.pool.close()
     choice = tuple(int(lad[k]) for lad, k in zip(ladders, res.choice, strict=True))
     # the priors' reported cost (shared passes billed in full, read-back ones included)
     cost = {"seconds": time.perf_counter() - start - prior_wall + prior_cost["seconds"],

@@ -88,7 +88,7 @@ ALL_METHODS = strategy.names("transformer")  # registered in smpq.transformer.st
 DEFAULT_METHOD = "shapley-loop"  # smpq.transformer.engine_strategy, registered first
 STATS_BACKENDS = ("gptq", "awq_rtn", "awq_gptq")
 # methods whose value evaluations go through an smpq.evaluator (ptq --workers/--ray-address)
-SCALED_METHODS = ("shapley", "shapley_pairwise", "shapley_literal")
+SCALED_METHODS = ("shapley", "shapley_pairwise", "shapley_literal", "shapley-loop")
 # Causal-LM text: "auto" = the Wikipedia excerpt for models with a subword tokenizer when
 # gensim's test data is installed, else the stdlib split (byte-level models: always stdlib).
 TEXT_SOURCES = ("auto", "wikipedia", "stdlib")
@@ -332,17 +332,18 @@ class PTQSession:
             return self.value("calib")
 
         return ProgressiveGame(len(self.groups), len(self.specs), evaluate, ladder,
-                               batch=self._batch_evaluator())
+                               batch=self.batch_evaluator())
 
-    def _batch_evaluator(self) -> Any:
-        """The evaluator `scale` asks for (None: the game evaluates here, one by one)."""
+    def batch_evaluator(self, split: str = "calib") -> Any:
+        """The evaluator `scale` asks for, valuing group choices (candidate indices) on
+        `split` as `value(split)` does (None: evaluate here, one by one)."""
         from smpq.evaluator import EvaluatorConfig, make_evaluator
         from smpq.transformer.tasks import SessionTask
 
         if self.scale is None or self.scale == EvaluatorConfig():
             return None
         task = SessionTask(self.model_name, str(self.out) if self.out else None, self.backend,
-                           self._candidate_arg, self.settings, "calib", torch.get_num_threads())
+                           self._candidate_arg, self.settings, split, torch.get_num_threads())
         if isinstance(self.scale, EvaluatorConfig):
             return make_evaluator(task, self.scale)
         return self.scale(task)
@@ -595,8 +596,8 @@ def run_ptq(model: str, budget: str | Budget, backend: str = "rtn",
 
     `options`: extra strategy options (shapley-loop: n_evaluations, top_k, priors).
     `export="gguf"`: also quantize with llama.cpp (smpq.export.llamacpp), checked first.
-    `scale`: where value evaluations run (an `smpq.evaluator.EvaluatorConfig`); only the
-    Shapley game methods (`SCALED_METHODS`) batch them out so far, others refuse it."""
+    `scale`: where value evaluations run (an `smpq.evaluator.EvaluatorConfig`); the Shapley
+    game methods and shapley-loop (`SCALED_METHODS`) batch them out, others refuse it."""
     from smpq.transformer.peers import PEER_METHODS, autoscheme_strategy, check_autoscheme
 
     budget = Budget.parse(budget) if isinstance(budget, str) else budget
@@ -622,8 +623,8 @@ def check_scale(method: str, scale: Any) -> None:
 
     if scale is None or scale == EvaluatorConfig() or method in SCALED_METHODS:
         return
-    raise SmpqError(f"--workers/--ray-address apply to {', '.join(SCALED_METHODS)} (the "
-                    f"Shapley game's batches) for now; {method} evaluates in this process")
+    raise SmpqError(f"--workers/--ray-address apply to {', '.join(SCALED_METHODS)} (their "
+                    f"batches of policies) for now; {method} evaluates in this process")
 
 
 def _run_ptq(model: str, budget: Budget, backend: str, method: str, out: Path, stage: Path,
