@@ -248,7 +248,10 @@ def run_part(model: str, seed: int, args: argparse.Namespace) -> dict:
 def _price(session: PTQSession) -> int:
     from smpq.transformer.prefix import transformer_blocks
 
-    return int(session.refs["calib"].blocks.numel()) * transformer_blocks(session.model)
+    ref = session.refs["calib"]
+    tokens = (ref.blocks.numel() if hasattr(ref, "blocks") else
+              sum(b["input_ids"].numel() for b in ref.inputs.batches))  # encoders: padded
+    return int(tokens) * transformer_blocks(session.model)
 
 
 # ------------------------------------------------------------------------------ merge
