@@ -267,13 +267,21 @@ def guided_search(space: PolicySpace, value: FidelityValue, start: np.ndarray,
     stopped = "budget"
     model: QuadraticModel | None = None
     hyper: tuple[int, float, float] | None = None
-    # a generation that would overrun the budget is not begun: its cost is estimated by the
-    # previous generation's, or before the first by the full price of its evaluations (when
-    # the value can price them: `full_block_tokens(n_blocks)`)
+    # a generation's cost is estimated by the previous generation's, or before the first by
+    # the full price of its evaluations (when the value can price them:
+    # `full_block_tokens(n_blocks)`); the last one is cut to fit the budget
     price = getattr(value, "full_block_tokens", None)
     last = (0 if price is None else cfg.offspring * price(None) if low is None else
             (cfg.offspring + 1) * price(low) + cfg.survivors * price(None))
-    while memo.spent + last <= cfg.block_tokens and memo.spent < cfg.block_tokens:
+    full_price = None if price is None else price(None)
+    while memo.spent < cfg.block_tokens:
+        left = cfg.block_tokens - memo.spent
+        if full_price is not None and left < full_price:
+            break  # not even one full-fidelity evaluation fits
+        # the last generation is cut to what is left (fewer offspring and survivors)
+        share = 1.0 if last <= left else left / last
+        n_kids = max(1, int(cfg.offspring * share))
+        n_surv = max(1, min(n_kids, int(round(cfg.survivors * share))))
         begun = memo.spent
         rng = np.random.default_rng([cfg.seed, gen, 7])
         pool = _pool(space, parent, rng, cfg.doubles, 2 + stale)
@@ -290,7 +298,7 @@ def guided_search(space: PolicySpace, value: FidelityValue, start: np.ndarray,
         if not len(fresh) and not len(glob):
             stopped = "exhausted"
             break
-        n_off = min(cfg.offspring, len(fresh) + len(glob))
+        n_off = min(n_kids, len(fresh) + len(glob))
         exploit: list[int] = []
         if model is not None and len(fresh):
             order = np.argsort(-model.predict(space, fresh), kind="stable")
@@ -300,10 +308,10 @@ def guided_search(space: PolicySpace, value: FidelityValue, start: np.ndarray,
                                   replace=False)) if len(rest) else []
         kids = np.unique(np.concatenate([glob, fresh[np.array(exploit + explore, np.int64)]
                                          .reshape(-1, space.n_units)]), axis=0)
-        if low is not None and len(kids) > cfg.survivors:
+        if low is not None and len(kids) > n_surv:
             base = memo(parent[None], low)[0]
             lows = memo(kids, low) - base
-            kids = kids[np.argsort(-lows, kind="stable")[: cfg.survivors]]
+            kids = kids[np.argsort(-lows, kind="stable")[:n_surv]]
         vals = memo(kids, None)
         for c, v in zip(kids, vals, strict=True):
             full[tuple(int(x) for x in c)] = float(v)

@@ -70,6 +70,9 @@ DEFAULT_PRIORS = ("fisher", "uniform")
 DEFAULT_FEATURE = "fisher"  # whose scores are the surrogate's prior feature (None: none)
 VALUE_SPLITS = ("calib", "val")  # the calibration blocks (default) or the validation split
 METRICS = ("neg_kl", "neg_nll")  # engine value: -log KL to float, or -NLL (causal LMs)
+ENGINE_SHARE = 0.4  # of the budget, in full-evaluation equivalents, before guided evolution
+GUIDED_TOP_K = 2  # the engine's picks per round when guided evolution follows: fewer rounds
+# of surrogate picks, more of measured moves
 
 
 def ladder_order(costs: dict[str, list[np.ndarray]]) -> np.ndarray:
@@ -397,7 +400,9 @@ def shapley_loop(p: SearchProblem) -> StrategyResult:
     space, order = policy_space(s, p.budget, resolved)
     ladders = unit_ladders(s, order)
     cfg = EngineConfig(evaluations=int(o.get("n_evaluations", DEFAULT_EVALUATIONS)),
-                       top_k=o.get("top_k", 4), seed=p.seed,
+                       top_k=o.get("top_k", GUIDED_TOP_K if o.get("guided", s.kind ==
+                                                                 "causal_lm") else 4),
+                       seed=p.seed,
                        screen_fraction=float(o.get("screen_fraction", 0.3)),
                        patience=int(o.get("patience", 20)))
     split, metric = value_options(p, NAME)
@@ -473,7 +478,6 @@ def shapley_loop(p: SearchProblem) -> StrategyResult:
                                                  None, None, cost))
 
 
-ENGINE_SHARE = 0.4  # of the budget, in full-evaluation equivalents, before guided evolution
 
 
 def _guided_options(p: SearchProblem, value: SessionValue, cfg: EngineConfig, need: int
