@@ -233,3 +233,23 @@ def test_prior_gains_are_score_differences_up_each_ladder():
     scores = [[-1.0, 0.0, -5.0], [-2.0, -0.5, -3.0]]
     # group a: levels are c2 (-5), c0 (-1), c1 (0): gains 4, 1; group b: -3, -2, -0.5: 1, 1.5
     assert prior_gains(sp, (order, order), scores).tolist() == [4.0, 1.0, 1.0, 1.5]
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"guided": "yes"}, "guided"), ({"engine_share": 0}, "engine_share"),
+    ({"engine_share": 1.5}, "engine_share"), ({"block_tokens": 0}, "block_tokens"),
+    ({"block_tokens": 2.5}, "block_tokens"), ({"screen_blocks": 0}, "screen_blocks"),
+    ({"offspring": 2.5}, "offspring"), ({"survivors": 0}, "survivors"),
+    ({"offspring": 2, "survivors": 3}, "survivors"),
+])
+def test_bad_guided_options_are_one_line_errors_before_any_scoring(session, monkeypatch,
+                                                                    options, match):
+    import smpq.transformer.engine_strategy as es
+
+    def no_priors(*args):
+        raise AssertionError("options are checked before the priors are scored")
+
+    monkeypatch.setattr(es, "_priors", no_priors)
+    with pytest.raises(SmpqError, match=match) as err:
+        _run(session, **options)
+    assert len(str(err.value).splitlines()) == 1

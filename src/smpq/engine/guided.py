@@ -70,6 +70,10 @@ class GuidedConfig:
     time_limit: float = 30.0  # seconds for the surrogate's exact solve per generation
 
     def __post_init__(self) -> None:
+        for name in ("block_tokens", "offspring", "survivors", "doubles", "patience"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise SmpqError(f"{name} must be an integer, got {v!r}")
         if self.block_tokens < 0:
             raise SmpqError(f"the block-token budget must be >= 0, got {self.block_tokens}")
         if self.offspring < 1 or not 1 <= self.survivors <= self.offspring:

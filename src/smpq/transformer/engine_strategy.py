@@ -417,6 +417,14 @@ def shapley_loop(p: SearchProblem) -> StrategyResult:
                   if x != default)
     ckpt = Path(out) / f"engine_state{tag}.json" if out is not None else None  # per value
     resume = bool(o.get("resume", False))
+    value = SessionValue(s, ladders, split, metric, cfg.evaluations, cache_bytes=cache_bytes)
+    value.fits = space.fits
+    guided, engine_evals, budget_tokens = _guided_options(p, value, cfg, need)
+    from smpq.evaluator import EvaluatorConfig
+
+    if metric != "neg_kl" and getattr(s, "scale", None) not in (None, EvaluatorConfig()):
+        raise SmpqError(f"{NAME} sends only the neg_kl value to workers; drop --workers/"
+                        "--ray-address or the neg_nll value")
     prior_start = time.perf_counter()
     priors, prior_cost, prior_scores = _session_priors(p, resolved, ckpt, resume)
     prior_wall = time.perf_counter() - prior_start  # replaced by what the priors report
@@ -429,14 +437,7 @@ def shapley_loop(p: SearchProblem) -> StrategyResult:
     ranks = [{int(c): k for k, c in enumerate(lad)} for lad in ladders]  # candidate -> level
     initial = np.array([[r[c] for r, c in zip(ranks, choice, strict=True)]
                         for _, choice in priors], dtype=np.int64)
-    value = SessionValue(s, ladders, split, metric, cfg.evaluations, cache_bytes=cache_bytes)
-    value.fits = space.fits
     value.pool = s.batch_evaluator(split) if hasattr(s, "batch_evaluator") else None
-    if value.pool is not None and metric != "neg_kl":
-        value.pool.close()
-        raise SmpqError(f"{NAME} sends only the neg_kl value to workers; drop --workers/"
-                        "--ray-address or the neg_nll value")
-    guided, engine_evals, budget_tokens = _guided_options(p, value, cfg, need)
     if resume:
         value.load(ckpt)
     outer = o.get("progress")
