@@ -2,6 +2,7 @@
 
     PYTHONPATH=src nice python benchmarks/llm_real.py --part smollm2-135m:0   # one model, seed
     PYTHONPATH=src nice python benchmarks/llm_real.py --part minilm:0
+    PYTHONPATH=src nice python benchmarks/llm_real.py --rss      # the default's peak RSS
     PYTHONPATH=src nice python benchmarks/llm_real.py --merge    # -> results/llm_real.*
 
 One part is one `PTQSession` (model, calibration text from `RunSettings.calib_seed`, float
@@ -451,6 +452,23 @@ def merge() -> dict:
     return res
 
 
+def rss(args: argparse.Namespace) -> dict:
+    """Peak RSS of the default `smpq ptq` on SmolLM2 (defaults, 2.5 bits), in this fresh
+    process: what a user's run needs, against the float model's bytes."""
+    from smpq.transformer.run import run_ptq
+
+    torch.set_num_threads(1)
+    out = Path(args.cache).parent / "rss_run"
+    summary = run_ptq("smollm2-135m", "avg_bits=2.5", out=out,
+                      settings=RunSettings(cache_dir=args.cache))
+    keys = ("peak_rss_bytes", "model_bytes", "peak_rss_over_model", "seconds", "block_tokens")
+    res = {k: summary.get(k) for k in keys} | {
+        "command": "smpq ptq --model smollm2-135m --budget avg_bits=2.5 (defaults)",
+        "search_cost": {k: v for k, v in summary["search_cost"].items() if k != "trace"}}
+    atomic_write_text(RESULTS / "llm_real_rss.json", json.dumps(res, indent=1) + "\n")
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", help="MODEL:SEED, e.g. smollm2-135m:0 or minilm:1")
@@ -468,7 +486,12 @@ def main() -> None:
     ap.add_argument("--fidelity", type=int, default=0,
                     help="policies for the low/full fidelity Spearman (0: skip)")
     ap.add_argument("--cache", default=".cache/smpq")
+    ap.add_argument("--rss", action="store_true",
+                    help="measure the default smpq ptq's peak RSS on SmolLM2 (its own process)")
     args = ap.parse_args()
+    if args.rss:
+        print(json.dumps(rss(args), indent=1))
+        return
     if args.part:
         model, _, seed = args.part.partition(":")
         run_part(model, int(seed or 0), args)
