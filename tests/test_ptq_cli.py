@@ -16,7 +16,9 @@ from conftest import save_tiny_llama  # noqa: E402
 from smpq.cli import main  # noqa: E402
 from smpq.errors import SmpqError  # noqa: E402
 from smpq.transformer import run as run_mod  # noqa: E402
-from smpq.transformer.run import RunSettings, _lm_blocks  # noqa: E402
+from smpq.transformer import session as session_mod  # noqa: E402
+from smpq.transformer.run import RunSettings  # noqa: E402
+from smpq.transformer.session import _lm_blocks  # noqa: E402
 from smpq.transformer.tiny_lm import ByteTokenizer  # noqa: E402
 
 CANDS = "int2g32,int4g32,int8g32"
@@ -68,7 +70,7 @@ def test_unsupported_architecture_before_loading(monkeypatch, capsys, tmp_path):
 
 
 def test_budget_below_the_cheapest_before_data(monkeypatch, capsys, folder, tmp_path):
-    monkeypatch.setattr(run_mod, "_lm_blocks", _never)
+    monkeypatch.setattr(session_mod, "_lm_blocks", _never)
     code, _, err = _cli(monkeypatch, capsys, "--model", folder, "--budget", "avg_bits=1",
                         "--candidates", CANDS, "--out", tmp_path / "o")
     _refused(code, err, "infeasible")
@@ -85,7 +87,7 @@ def test_budget_below_the_cheapest_before_data(monkeypatch, capsys, folder, tmp_
     (["--value-split", "test"], "unknown value split 'test'; known: calib, val"),
 ])
 def test_bad_flags_before_loading(monkeypatch, capsys, folder, tmp_path, args, msg):
-    monkeypatch.setattr(run_mod, "_load", _never)
+    monkeypatch.setattr(session_mod, "_load", _never)
     args = [str(tmp_path / "missing.txt") if a == "MISSING" else a for a in args]
     code, _, err = _cli(monkeypatch, capsys, "--model", folder, "--out", tmp_path / "o", *args)
     _refused(code, err, msg)

@@ -296,12 +296,12 @@ def test_autoscheme_without_auto_round_is_one_line_before_loading(monkeypatch, c
                                                                   tmp_path):
     import importlib.util
 
-    from smpq.transformer import run as run_mod
+    from smpq.transformer import session as session_mod
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "auto_round" else real(name, *a))
-    monkeypatch.setattr(run_mod, "_load", _never)
+    monkeypatch.setattr(session_mod, "_load", _never)
     code, _, err = _cli(monkeypatch, capsys, "--model", folder, "--method", "autoscheme",
                         "--candidates", CANDS, "--out", tmp_path / "o")
     assert code == 2 and err.startswith("error:") and "scripts/install_peers.sh" in err
@@ -352,9 +352,9 @@ def test_autoscheme_runs_through_ptq(monkeypatch, capsys, folder, tmp_path):
 ])
 def test_workers_flags_are_checked_before_loading(monkeypatch, capsys, folder, tmp_path, args,
                                                   msg):
-    from smpq.transformer import run as run_mod
+    from smpq.transformer import session as session_mod
 
-    monkeypatch.setattr(run_mod, "_load", _never)
+    monkeypatch.setattr(session_mod, "_load", _never)
     code, _, err = _cli(monkeypatch, capsys, "--model", folder, "--out", tmp_path / "o", *args)
     assert code == 2 and err.startswith("error:") and msg in err, err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()

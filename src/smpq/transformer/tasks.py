@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from smpq.evaluator import ValueFn
-from smpq.transformer.run import PTQSession, RunSettings
 from smpq.transformer.scores import DEFAULT_CANDIDATES
+from smpq.transformer.session import PTQSession, RunSettings
 
 __all__ = ["SessionTask", "to_device"]
 
