@@ -401,6 +401,10 @@ NOTES: list[str] = []  # filled in by hand after a run (conditions, what was not
 
 
 def plot(res: dict, path: Path) -> None:
+    """Quality against compute at 2.5 and 3 bits: test perplexity of every method against
+    the block-tokens it spent (mean over seeds, bars min-max; `--half` adds each search's
+    incumbent at half its budget), and below it the searches' best calibration value
+    (-log KL) against block-tokens, one thin line per seed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -410,32 +414,46 @@ def plot(res: dict, path: Path) -> None:
     budgets = [b for b in (2.5, 3.0) if any(r["avg_bits"] == b for r in rows)]
     if not budgets:
         return
-    fig, axes = plt.subplots(1, len(budgets), figsize=(6.5 * len(budgets), 4.5), squeeze=False)
-    for ax, bits in zip(axes[0], budgets, strict=True):
+    fig, axes = plt.subplots(2, len(budgets), figsize=(6.5 * len(budgets), 8), squeeze=False)
+    methods = sorted({r["method"] for r in rows})
+    colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    for col, bits in enumerate(budgets):
+        top, bottom = axes[0][col], axes[1][col]
         here = [r for r in rows if r["avg_bits"] == bits]
-        for method in sorted({r["method"] for r in here}):
+        for method in methods:
             rs = [r for r in here if r["method"] == method]
-            style = dict(lw=2.5, color="k", zorder=5) if method == OURS else dict(lw=1)
-            pts = []
+            if not rs:
+                continue
+            ours = method == OURS
+            pts = {}
             for r in rs:
                 if r.get("half"):
-                    pts.append((r["half"]["block_tokens"], r["half"]["test_perplexity"]))
-                pts.append((r.get("block_tokens") or 0, r["test_perplexity"]))
-            if any(r.get("half") for r in rs):
-                by_x: dict = {}
-                for x, y in pts:
-                    by_x.setdefault(round(x, -3), []).append(y)
-                xs = sorted(by_x)
-                ax.plot(xs, [statistics.fmean(by_x[x]) for x in xs], marker="o",
-                        label=method, **style)
-            else:
-                ax.scatter([x for x, _ in pts], [y for _, y in pts], label=method,
-                           marker="s" if method != "autoscheme" else "^")
-        ax.set_yscale("log")
-        ax.set_xlabel("block-tokens spent (tokens x transformer blocks)")
-        ax.set_ylabel("test perplexity")
-        ax.set_title(f"SmolLM2-135M at {bits:g} average bits")
-        ax.legend(fontsize=7)
+                    pts.setdefault("half", []).append((r["half"]["block_tokens"],
+                                                       r["half"]["test_perplexity"]))
+                pts.setdefault("end", []).append((r.get("block_tokens") or 0,
+                                                  r["test_perplexity"]))
+            xy = [(statistics.fmean(x for x, _ in v), statistics.fmean(y for _, y in v),
+                   min(y for _, y in v), max(y for _, y in v)) for v in pts.values()]
+            xy.sort()
+            xs, ys = [p[0] for p in xy], [p[1] for p in xy]
+            err = [[p[1] - p[2] for p in xy], [p[3] - p[1] for p in xy]]
+            top.errorbar(xs, ys, yerr=err, marker="o" if ours else "s", capsize=3,
+                         color="k" if ours else colors[method], lw=2.5 if ours else 1,
+                         label=method, zorder=5 if ours else 2)
+            for r in rs:
+                if r.get("trace"):
+                    tx, tv = zip(*r["trace"], strict=True)
+                    bottom.step(tx, tv, where="post", lw=2 if ours else 0.8, alpha=0.8,
+                                color="k" if ours else colors[method],
+                                label=method if r is rs[0] else None)
+        top.set_yscale("log")
+        top.set_xlabel("block-tokens spent (tokens x transformer blocks)")
+        top.set_ylabel("test perplexity (mean over seeds, min-max)")
+        top.set_title(f"SmolLM2-135M at {bits:g} average bits")
+        top.legend(fontsize=7)
+        bottom.set_xlabel("block-tokens spent")
+        bottom.set_ylabel("best calibration value so far (-log KL)")
+        bottom.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
