@@ -425,6 +425,10 @@ def plot(res: dict, path: Path) -> None:
             if not rs:
                 continue
             ours = method == OURS
+            if all(r.get("block_tokens") is None for r in rs):  # AutoScheme: seconds only
+                top.axhline(statistics.fmean(r["test_perplexity"] for r in rs), ls="--",
+                            color=colors[method], label=f"{method} (no block-token count)")
+                continue
             pts = {}
             for r in rs:
                 if r.get("half"):
