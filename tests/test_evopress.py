@@ -178,3 +178,17 @@ def test_block_token_cap_needs_a_price():
 def test_config_round_trips():
     cfg = EvoConfig(offspring=5, stages=((2, 3), (None, 1)), generations=4, seed=2)
     assert EvoConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_a_cap_that_pays_for_part_of_a_generation_is_spent_not_left():
+    """Full fidelity only (a split too small for the low stages): 8 children a generation
+    but 5 evaluations' budget; the last generation is cut to what the cap pays for."""
+    space, full = _game(2)
+    value = _Value(space, full)
+    cap = 5 * _price(None)
+    res = evopress(space, value, EvoConfig(offspring=8, stages=((None, 1),), block_tokens=cap,
+                                           seed=0), price=_price)
+    assert res.block_tokens == cap and res.evaluations == 5
+    assert res.value == pytest.approx(max(full(space.levels(c[None])[0])
+                                          for c in np.atleast_2d(res.choice)), abs=1e-12)
+    assert res.generations >= 1

@@ -38,9 +38,11 @@ Differences from EvoPress's code, and why:
 - Ties at the last stage keep the parent; EvoPress sorts the fitnesses with the parent
   appended last.
 - The search stops at a cap of block-tokens (tokens x transformer blocks run), evaluations
-  or generations, whichever comes first; a stage whose price would pass a cap is not
-  started; also after `stale` (20) generations in a row with nothing new to measure
-  (small spaces). EvoPress runs a fixed number of generations.
+  or generations, whichever comes first; a stage whose price would pass a cap is cut to
+  the candidates the cap still pays for (all of them at full fidelity when the split has
+  too few blocks for the low stages), and not started when it pays for none; also after
+  `stale` (20) generations in a row with nothing new to measure (small spaces). EvoPress
+  runs a fixed number of generations.
 - A fitness is any value (higher is better); the transformer strategy uses -log KL to the
   float model, EvoPress minimises KL (same order).
 
@@ -268,13 +270,22 @@ class _Meter:
             return self.spent + n_new * int(self.price(n_blocks)) <= c.block_tokens
         return self.spent < c.block_tokens  # metered only: may pass the cap by one stage
 
-    def __call__(self, pop: list[np.ndarray], n_blocks: int | None) -> np.ndarray | None:
-        """Values of `pop` (ladder levels) at `n_blocks`; None when a cap forbids it."""
+    def __call__(self, pop: list[np.ndarray], n_blocks: int | None
+                 ) -> tuple[list[np.ndarray], np.ndarray] | None:
+        """(the members valued, their values) of `pop` (ladder levels) at `n_blocks`: all of
+        them, or, at the end of the budget, the cached ones and as many new ones as a cap
+        still allows; None when it allows none."""
         keys = [(n_blocks, tuple(int(x) for x in lv)) for lv in pop]
         new = list(dict.fromkeys(k for k in keys if k not in self.cache))
-        if new:
-            if not self.affordable(len(new), n_blocks):
+        if new and not self.affordable(len(new), n_blocks):
+            fit = max((k for k in range(len(new)) if self.affordable(k, n_blocks)), default=0)
+            if fit == 0:
                 return None
+            drop = set(new[fit:])
+            new = new[:fit]
+            pop = [lv for lv, k in zip(pop, keys, strict=True) if k not in drop]
+            keys = [k for k in keys if k not in drop]
+        if new:
             choices = self.space.from_levels(np.array([k[1] for k in new]))
             got = np.asarray(self.value(choices, n_blocks), float).reshape(-1)
             if len(got) != len(new):
@@ -287,7 +298,7 @@ class _Meter:
                 self.priced += len(new) * int(self.price(n_blocks))
             if n_blocks is None:
                 self.history.extend(got.tolist())
-        return np.array([self.cache[k] for k in keys])
+        return pop, np.array([self.cache[k] for k in keys])
 
 
 def _select(meter: _Meter, pop: list[np.ndarray], stages: tuple, parent: np.ndarray | None
@@ -297,9 +308,10 @@ def _select(meter: _Meter, pop: list[np.ndarray], stages: tuple, parent: np.ndar
         last = i == len(stages) - 1
         if last and parent is not None:
             pop = [parent, *pop]  # first: a stable sort keeps it on ties
-        vals = meter(pop, n_blocks)
-        if vals is None:
+        got = meter(pop, n_blocks)
+        if got is None:
             return None
+        pop, vals = got
         order = np.argsort(-vals, kind="stable")[:keep]
         pop = [pop[j] for j in order]
         if last:
