@@ -29,6 +29,14 @@ with (done, planned, best engine value) per engine batch; the session's progress
 every evaluation). `result.detail` is an `Allocated`
 whose scores are the surrogate's ladder Shapley values summed up each ladder;
 `result.info["engine"]` has the search log (value curve, rounds, R^2, interactions).
+
+Causal LMs (and encoders with `guided=True`) then spend the rest of a block-token budget on
+Shapley-guided evolution (`smpq.engine.guided`): options block_tokens (default n_evaluations
+full forwards' worth), guided (true for causal LMs), engine_share (0.4: the engine's share of
+the evaluations, at least one round's worth), screen_blocks (a quarter of the calibration
+blocks), offspring (8), survivors (2); prefix_reuse / prefix_cache_mb as every SessionValue.
+Its checkpoint is engine_guided.json beside engine_state.json. `cost["trace"]` holds
+(block-tokens spent, best value, choice) each time a policy within the budget beat the best.
 """
 
 from __future__ import annotations
