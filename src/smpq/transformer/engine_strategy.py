@@ -301,8 +301,12 @@ class SessionValue:
         self.pending = 0
         if self.pool is not None and n is None and len(choices) > 1:
             raw = self._pooled(choices)
+            spent = [self.block_tokens] * len(raw)  # one batch, valued at once
         else:
-            raw = [self.raw(c, n) for c in choices]
+            raw, spent = [], []
+            for c in choices:
+                raw.append(self.raw(c, n))
+                spent.append(self.block_tokens)  # after this evaluation
         out = np.array(raw if self.metric == "neg_nll" else
                        [-math.log(max(-v, 0.0) + 1e-9) for v in raw])
         self.pending = 0
@@ -310,9 +314,9 @@ class SessionValue:
             self.seen.update({tuple(int(x) for x in c): float(v)
                               for c, v in zip(choices, out, strict=True)})
             ok = self.fits(choices) if self.fits is not None else [True] * len(out)
-            for c, v, f in zip(choices, out, ok, strict=True):  # best so far vs compute
+            for c, v, f, b in zip(choices, out, ok, spent, strict=True):  # best vs compute
                 if f and (not self.trace or v > self.trace[-1][1]):
-                    self.trace.append((self.block_tokens, float(v), tuple(
+                    self.trace.append((b, float(v), tuple(
                         int(lad[k]) for lad, k in zip(self.ladders, c, strict=True))))
         return out
 
