@@ -9,6 +9,7 @@ thread. Then `local` and `shapley-loop` run on a tiny-LM-shaped PTQ session with
 without reuse: the same policy, and the fraction of block-tokens reuse saved.
 
     PYTHONPATH=src python benchmarks/prefix_reuse.py [--smollm2-blocks 4] [--reps 2]
+    # -> results/prefix_reuse.{json,md}; --render rewrites the Markdown from the JSON
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import importlib.util
 import json
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -85,11 +87,69 @@ def searches() -> dict:
     return out
 
 
+RESULTS = Path(__file__).parent / "results"
+
+
+def summarize(report: dict) -> dict:
+    """The summary: the wall-time ratio of a change in the last block and in the middle one,
+    per model, and the searches' block-token saving."""
+    out: dict = {}
+    for key, rows in report.items():
+        if key == "note":
+            continue
+        if key.startswith("searches"):
+            out["search_saving"] = {m: r["prefix_reuse_saving"] for m, r in rows.items()}
+            continue
+        mid = rows[len(rows) // 2]
+        out[key] = {"last_block_wall_ratio": rows[-1]["wall_ratio"],
+                    "middle_block_wall_ratio": mid["wall_ratio"],
+                    "max_abs_logit_diff": max(r["max_abs_logit_diff"] for r in rows)}
+    return out
+
+
+def markdown(report: dict) -> str:
+    lines = ["# Prefix reuse: a one-unit change in block k against a full forward", "",
+             "Best of the runs, one thread, on the shared machine; max |logit diff| is "
+             "against a full forward.", ""]
+    if report.get("note"):
+        lines += [f"Note: {report['note']}.", ""]
+    for key, rows in report.items():
+        if key in ("summary", "note") or key.startswith("searches"):
+            continue
+        lines += [f"## {key}", "", "| changed block | blocks run | block-tokens | wall ratio "
+                  "| max logit diff |", "|---|---|---|---|---|"]
+        lines += [f"| {r['block']} | {r['blocks_run']} | {r['block_tokens_fraction']:.2f} | "
+                  f"{r['wall_ratio']:.2f} | {r['max_abs_logit_diff']:.1g} |" for r in rows]
+        lines.append("")
+    for key, rows in report.items():
+        if key.startswith("searches"):
+            lines += [f"## {key}", "", "| search | same policy | evaluations | block-tokens "
+                      "(on / off) | saving |", "|---|---|---|---|---|"]
+            lines += [f"| {m} | {r['same_policy']} | {r['evaluations']} | "
+                      f"{r['block_tokens_on']} / {r['block_tokens_off']} | "
+                      f"{r['prefix_reuse_saving']:.3f} |" for m, r in rows.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write(report: dict) -> None:
+    from smpq.fileio import atomic_write_text
+
+    report = {k: v for k, v in report.items() if k != "summary"}
+    out = {"summary": summarize(report), **report}
+    atomic_write_text(RESULTS / "prefix_reuse.json", json.dumps(out, indent=1) + "\n")
+    atomic_write_text(RESULTS / "prefix_reuse.md", markdown(report))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smollm2-blocks", type=int, default=4)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--render", action="store_true",
+                    help="rewrite results/prefix_reuse.md from the JSON, measure nothing")
     args = ap.parse_args()
+    if args.render:
+        write(json.loads((RESULTS / "prefix_reuse.json").read_text()))
+        return
     torch.set_num_threads(1)
     import transformers
 
@@ -108,7 +168,8 @@ def main() -> None:
         ids = torch.randint(0, cfg["vocab_size"], (args.smollm2_blocks, 128))
         report[f"smollm2_{args.smollm2_blocks}x128"] = moves(m.eval(), ids, args.reps)
     report["searches_tiny_lm"] = searches()
-    print(json.dumps(report, indent=1))
+    write(report)
+    print(json.dumps(summarize(report), indent=1))
 
 
 if __name__ == "__main__":
