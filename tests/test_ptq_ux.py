@@ -180,6 +180,29 @@ def test_plain_stages_hold_the_first_seconds_then_report_with_times():
     assert lines[-1] == "[   70.0s] search: done in 58.0 s"
 
 
+def test_a_silent_stage_still_gets_a_line_every_period():
+    from smpq.cli import PlainStages
+
+    lines: list[str] = []
+    clock = _Clock()
+    p = PlainStages(lines.append, clock=clock, quiet=10.0, every=30.0)
+    p("load", 0, 1)  # e.g. a first-use training: no steps for minutes
+    clock.t = 5.0
+    p.tick()
+    assert lines == []  # still the quiet period
+    clock.t = 11.0
+    p.tick()
+    assert [x.split("] ")[1] for x in lines] == ["load: started"]
+    clock.t = 31.0
+    p.tick()
+    clock.t = 45.0
+    p.tick()
+    clock.t = 61.5
+    p.tick()
+    assert [x.split("] ")[1] for x in lines][1:] == ["load: still running after 31 s",
+                                                      "load: still running after 62 s"]
+
+
 def test_a_fast_refusal_prints_only_its_error_and_a_normal_end_flushes():
     from smpq.cli import PlainStages
 

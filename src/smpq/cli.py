@@ -547,6 +547,7 @@ class PlainStages:
     seconds still prints its one-line error alone."""
 
     def __init__(self, write, clock=None, quiet: float = 10.0, every: float = 30.0) -> None:
+        import threading
         import time
 
         self.write, self.clock = write, clock or time.monotonic
@@ -555,6 +556,31 @@ class PlainStages:
         self.stage: str | None = None
         self.stage_t0 = self.last = self.t0
         self.held: list[str] | None = []  # None once the quiet period is over
+        self.lock = threading.RLock()  # the heartbeat thread and the callers
+        self.stopped = threading.Event()
+
+    def tick(self) -> None:
+        """The heartbeat: a stage that reports no step (a long model load, a first-use
+        training) still gets a line every `every` seconds, and held lines go out once the
+        quiet period is over."""
+        with self.lock:
+            now = self.clock()
+            if self.held is not None and now - self.t0 >= self.quiet:
+                self.flush()
+            if self.stage is not None and now - self.last >= self.every:
+                self.last = now
+                self._line(now, f"{self.stage}: still running after "
+                                f"{now - self.stage_t0:.0f} s")
+
+    def start(self, period: float = 1.0) -> None:
+        """Call `tick` every `period` seconds from a daemon thread until `close`."""
+        import threading
+
+        def beat() -> None:
+            while not self.stopped.wait(period):
+                self.tick()
+
+        threading.Thread(target=beat, name="smpq-progress", daemon=True).start()
 
     def _line(self, now: float, text: str) -> None:
         line = f"[{now - self.t0:7.1f}s] {text}"
@@ -574,6 +600,10 @@ class PlainStages:
             self._line(now, f"{self.stage}: done in {now - self.stage_t0:.1f} s")
 
     def __call__(self, stage: str, done: int, total: int) -> None:
+        with self.lock:
+            self._progress(stage, done, total)
+
+    def _progress(self, stage: str, done: int, total: int) -> None:
         now = self.clock()
         if stage != self.stage:
             self._end(now)
@@ -587,9 +617,11 @@ class PlainStages:
 
     def close(self) -> None:
         """The last stage's end and anything held back (a run that ended normally)."""
-        self._end(self.clock())
-        self.stage = None
-        self.flush()
+        self.stopped.set()
+        with self.lock:
+            self._end(self.clock())
+            self.stage = None
+            self.flush()
 
 
 @contextmanager
@@ -602,7 +634,11 @@ def _stage_bars():
     if not err_console.is_terminal:
         plain = PlainStages(lambda line: err_console.print(line, markup=False, highlight=False,
                                                            soft_wrap=True))
-        yield plain
+        plain.start()
+        try:
+            yield plain
+        finally:
+            plain.stopped.set()  # an error: its one line alone, no heartbeat after it
         plain.close()
         return
     with Progress(
