@@ -66,8 +66,8 @@ from smpq.strategy import SearchProblem, StrategyResult, register
 from smpq.transformer.prefix import DEFAULT_CACHE_MB
 
 __all__ = ["DEFAULT_EVALUATIONS", "DEFAULT_FEATURE", "DEFAULT_PRIORS", "METRICS", "NAME",
-           "SessionValue", "VALUE_SPLITS", "ladder_order", "policy_space", "prefix_cache_bytes",
-           "prior_gains", "shapley_loop", "unit_ladders", "value_options"]
+           "SessionValue", "VALUE_SPLITS", "block_token_cap", "ladder_order", "policy_space",
+           "prefix_cache_bytes", "prior_gains", "shapley_loop", "unit_ladders", "value_options"]
 
 NAME = "shapley-loop"
 # One evaluation is one forward over the calibration text: on SmolLM2-135M with 2,048 tokens
@@ -384,6 +384,15 @@ def prefix_cache_bytes(p: SearchProblem, name: str) -> int:
     return int(mb * (1 << 20)) if on else 0
 
 
+def block_token_cap(p: SearchProblem, value: SessionValue, n: int, name: str) -> int:
+    """The search's compute budget in block-tokens: the `block_tokens` option, else `n`
+    full evaluations' worth. A search starts an evaluation while it has spent less."""
+    cap = p.options.get("block_tokens", n * value.full_block_tokens())
+    if isinstance(cap, bool) or not isinstance(cap, (int, np.integer)) or cap < 1:
+        raise SmpqError(f"block_tokens of {name} must be a positive integer, got {cap!r}")
+    return int(cap)
+
+
 def value_options(p: SearchProblem, name: str) -> tuple[str, str]:
     """(value split, value metric) of the options, checked: one check for every strategy
     that evaluates whole policies with `SessionValue`."""
@@ -501,11 +510,9 @@ def _guided_options(p: SearchProblem, value: SessionValue, cfg: EngineConfig, ne
     needs), guided evolution the rest of the block-tokens."""
     o = p.options
     full = value.full_block_tokens()
-    budget = o.get("block_tokens", cfg.evaluations * full)
+    budget = block_token_cap(p, value, cfg.evaluations, NAME)
     on = o.get("guided", value.lm)
     share = o.get("engine_share", ENGINE_SHARE)
-    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
-        raise SmpqError(f"block_tokens of {NAME} must be a positive integer, got {budget!r}")
     if not isinstance(on, bool):
         raise SmpqError(f"guided of {NAME} must be true or false, got {on!r}")
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:

@@ -43,6 +43,7 @@ from smpq.strategy import SearchProblem, StrategyResult, register
 from smpq.transformer.engine_strategy import (
     DEFAULT_EVALUATIONS,
     SessionValue,
+    block_token_cap,
     policy_space,
     prefix_cache_bytes,
     unit_ladders,
@@ -69,15 +70,6 @@ def _setup(p: SearchProblem, name: str
     value = SessionValue(s, ladders, split, metric, n, name, cache_bytes)
     value.fits = space.fits
     return s, space, ladders, value, n
-
-
-def block_token_cap(p: SearchProblem, value: SessionValue, n: int, name: str) -> int:
-    """The search's compute budget in block-tokens: the `block_tokens` option, else `n`
-    full evaluations' worth. A search starts an evaluation while it has spent less."""
-    cap = p.options.get("block_tokens", n * value.full_block_tokens())
-    if isinstance(cap, bool) or not isinstance(cap, (int, np.integer)) or cap < 1:
-        raise SmpqError(f"block_tokens of {name} must be a positive integer, got {cap!r}")
-    return int(cap)
 
 
 def _result(name: str, p: SearchProblem, s: Any, ladders: tuple[np.ndarray, ...],
